@@ -1,0 +1,49 @@
+# One-command set-up on a fresh Debian machine (root or sudo for the system packages).
+#   make demo   set up, then run the main job on the embedded data
+#   make test   set up, then run the whole test suite
+SHELL := /bin/bash
+PY      ?= python3
+VENV    := .venv
+VPY     := $(VENV)/bin/python
+STAMP   := $(VENV)/.installed
+# ffcv compiles against OpenCV and libjpeg-turbo; the test suite starts a real SLURM cluster.
+SYS_PKGS := pkg-config libopencv-dev libturbojpeg0-dev slurmctld slurmd slurm-client munge
+SUDO    := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+PYTEST_ARGS ?=
+
+.PHONY: setup system-packages demo test lint bench clean
+
+setup: $(STAMP)
+
+system-packages:
+	@missing=$$(for p in $(SYS_PKGS); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q 'ok installed' || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+	  echo "installing system packages: $$missing"; \
+	  [ -e /usr/sbin/policy-rc.d ] || { printf '#!/bin/sh\nexit 101\n' | $(SUDO) tee /usr/sbin/policy-rc.d >/dev/null; $(SUDO) chmod 755 /usr/sbin/policy-rc.d; made=1; }; \
+	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get update -q && \
+	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $$missing; rc=$$?; \
+	  [ "$${made:-0}" = 1 ] && $(SUDO) rm -f /usr/sbin/policy-rc.d; exit $$rc; \
+	fi
+
+# torch/torchvision first, on their own: pip then takes the wheels from the local disk.
+$(STAMP): pyproject.toml | system-packages
+	@[ -x $(VPY) ] || $(PY) -m venv $(VENV)
+	$(VPY) -m pip install -q torch==2.14.1 torchvision==0.29.1
+	$(VPY) -m pip install -q -e '.[dev]'
+	@touch $(STAMP)
+
+demo: setup
+	$(VPY) -m backbone.report
+
+test: setup
+	$(VPY) -m ruff check .
+	$(VPY) -m pytest $(PYTEST_ARGS)
+
+lint: setup
+	$(VPY) -m ruff check .
+
+bench: setup
+	for b in benchmarks/*.py; do $(VPY) $$b || exit 1; done
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info

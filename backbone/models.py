@@ -1,0 +1,112 @@
+"""ResNet50-GCN, registered with timm (``import backbone; timm.create_model('resnet50_gcn')``).
+
+The network *is* timm's ``ResNet``: stem, stages (built by timm's ``make_blocks``), head,
+``feature_info``, ``forward_intermediates`` and the rest come from timm. Only the block of
+res-4 and res-5 differs (Table 11): res-1..res-3 are exactly timm's ``resnet50``, so the
+Table 6 comparison changes nothing but the two large-kernel stages.
+
+=========  ==================================  =====================================
+stage      resnet50                            resnet50_gcn
+=========  ==================================  =====================================
+res-2      Bottleneck 64 -> 256, x3            same
+res-3      Bottleneck 128 -> 512, x4           same
+res-4      Bottleneck 256 -> 1024, x6          GCN k=5, branch width 85 -> 1024, x6
+res-5      Bottleneck 512 -> 2048, x3          GCN k=7, branch width 128 -> 2048, x3
+=========  ==================================  =====================================
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models.resnet import Bottleneck, ResNet
+
+from .gcn_block import gcn_block
+from .weights import WeightsMismatchError, load_weights, mismatch_report
+
+__all__ = ["ResNetGCN", "resnet50_gcn", "GCN_STAGES"]
+
+# (kernel size, branch width) of res-4 and res-5, Table 11.
+GCN_STAGES = ((5, 85), (7, 128))
+
+
+class ResNetGCN(ResNet):
+    """timm's ResNet with weight loading that names the file and the keys that do not fit.
+
+    timm calls :meth:`load_pretrained` for ``pretrained=True`` with a ``file`` in the pretrained
+    cfg (``custom_load=True`` below), so ``pretrained_cfg_overlay=dict(file=PATH)`` loads this
+    project's ``final.pth``, a training checkpoint or a plain state dict.
+    """
+
+    def load_pretrained(self, checkpoint_path: str | Path, prefix: str = "") -> None:
+        # The classifier is optional: ImageNet weights load into a model with num_classes != 1000.
+        load_weights(self, checkpoint_path, optional_prefixes=("fc.",), model_name=self._arch_name())
+
+    def load_state_dict(self, state_dict: Mapping[str, torch.Tensor], strict: bool = True, assign: bool = False):
+        # timm's checkpoint_path= path ends here; give a readable summary instead of torch's wall of keys.
+        if strict:
+            report = mismatch_report(self.state_dict(), state_dict)
+            if report is not None:
+                raise WeightsMismatchError(
+                    f"state dict does not fit model '{self._arch_name()}' (a checkpoint of another "
+                    f"architecture?):\n{report}"
+                )
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
+    def _arch_name(self) -> str:
+        return (getattr(self, "pretrained_cfg", None) or {}).get("architecture", "resnet50_gcn")
+
+
+def _cfg(**kwargs) -> dict:
+    return {
+        "url": "",
+        "num_classes": 1000,
+        "input_size": (3, 224, 224),
+        "pool_size": (7, 7),
+        "crop_pct": 0.875,
+        "interpolation": "bilinear",
+        "mean": IMAGENET_DEFAULT_MEAN,
+        "std": IMAGENET_DEFAULT_STD,
+        "first_conv": "conv1",
+        "classifier": "fc",
+        # Weights come from this project's pretraining, loaded by ResNetGCN.load_pretrained.
+        "custom_load": True,
+        "license": "apache-2.0",
+        **kwargs,
+    }
+
+
+default_cfgs = generate_default_cfgs({"resnet50_gcn.untrained": _cfg()})
+
+
+def _create_resnet_gcn(variant: str, pretrained: bool = False, **kwargs) -> ResNetGCN:
+    overlay = dict(kwargs.pop("pretrained_cfg_overlay", None) or {})
+    if overlay.get("file"):
+        # timm resets custom_load when a file is given; keep ours, which reads this project's
+        # checkpoint formats and names the file in its errors.
+        overlay.setdefault("custom_load", True)
+    return build_model_with_cfg(ResNetGCN, variant, pretrained, pretrained_cfg_overlay=overlay, **kwargs)
+
+
+@register_model
+def resnet50_gcn(
+    pretrained: bool = False,
+    gcn_kernel_sizes: tuple[int, int] = (GCN_STAGES[0][0], GCN_STAGES[1][0]),
+    gcn_widths: tuple[int | None, int | None] | None = None,
+    gcn_merge: str = "concat",
+    **kwargs,
+) -> ResNetGCN:
+    """ResNet50-GCN (Table 11): res-4 and res-5 bottlenecks replaced by k=5 / k=7 GCN blocks.
+
+    ``gcn_merge='sum'`` sums the two branches (ablation); its branch widths default to the
+    cost-matched ones. ``gcn_widths`` overrides the widths (None: Table 11 for concat).
+    """
+    if gcn_widths is None:
+        gcn_widths = (GCN_STAGES[0][1], GCN_STAGES[1][1]) if gcn_merge == "concat" else (None, None)
+    res4 = gcn_block(gcn_kernel_sizes[0], gcn_widths[0], gcn_merge)
+    res5 = gcn_block(gcn_kernel_sizes[1], gcn_widths[1], gcn_merge)
+    model_args = dict(block=(Bottleneck, Bottleneck, res4, res5), layers=(3, 4, 6, 3))
+    return _create_resnet_gcn("resnet50_gcn", pretrained, **dict(model_args, **kwargs))

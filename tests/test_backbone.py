@@ -1,0 +1,286 @@
+"""ResNet50-GCN: structure (Table 11), cost, timm conformance, weight loading and its errors."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import timm
+import torch
+from torch import nn
+
+import backbone
+from backbone.complexity import macs_by_module
+from backbone.gcn_block import GCNBlock, bottleneck_macs_per_pixel, gcn_macs_per_pixel, matched_branch_width
+from backbone.weights import WEIGHTS_FORMAT, WeightsMismatchError
+
+X_SMALL = (2, 3, 64, 64)
+
+
+@pytest.fixture(scope="module")
+def gcn() -> nn.Module:
+    torch.manual_seed(0)
+    return timm.create_model("resnet50_gcn").eval()
+
+
+@pytest.fixture(scope="module")
+def r50() -> nn.Module:
+    torch.manual_seed(0)
+    return timm.create_model("resnet50").eval()
+
+
+@pytest.fixture(scope="module")
+def macs224(gcn, r50) -> dict[str, dict[str, int]]:
+    return {"gcn": macs_by_module(gcn, (1, 3, 224, 224)), "r50": macs_by_module(r50, (1, 3, 224, 224))}
+
+
+def _convs(block: nn.Module) -> list[nn.Conv2d]:
+    return [m for m in block.modules() if isinstance(m, nn.Conv2d)]
+
+
+# ---- structure ------------------------------------------------------------------------------
+
+def test_registered_with_timm():
+    assert "resnet50_gcn" in timm.list_models("resnet50_gcn")
+    assert timm.is_model("resnet50_gcn")
+
+
+def test_stages_match_table_11(gcn):
+    assert [len(getattr(gcn, f"layer{i}")) for i in range(1, 5)] == [3, 4, 6, 3]
+    for stage, k, width, out in (("layer3", 5, 85, 1024), ("layer4", 7, 128, 2048)):
+        for i, block in enumerate(getattr(gcn, stage)):
+            assert isinstance(block, GCNBlock)
+            a0, a1 = block.branch_a[0].conv, block.branch_a[1].conv
+            b0, b1 = block.branch_b[0].conv, block.branch_b[1].conv
+            assert (a0.kernel_size, a1.kernel_size) == ((1, k), (k, 1))
+            assert (b0.kernel_size, b1.kernel_size) == ((k, 1), (1, k))
+            assert a0.out_channels == b0.out_channels == a1.out_channels == b1.out_channels == width
+            assert block.conv.in_channels == 2 * width and block.conv.out_channels == out
+            stride = 2 if i == 0 else 1
+            # stride on the first conv of each branch, so the large kernels run at low resolution
+            assert a0.stride == b0.stride == (stride, stride) and a1.stride == b1.stride == (1, 1)
+            assert (block.downsample is not None) == (i == 0)
+
+
+def test_res1_to_res3_identical_to_resnet50(gcn, r50):
+    sd_g, sd_r = gcn.state_dict(), r50.state_dict()
+    early = [k for k in sd_r if k.startswith(("conv1.", "bn1.", "layer1.", "layer2."))]
+    assert early and all(k in sd_g and sd_g[k].shape == sd_r[k].shape for k in early)
+    assert [k for k in sd_g if k.startswith(("layer1.", "layer2."))] == [
+        k for k in sd_r if k.startswith(("layer1.", "layer2."))]
+    assert repr(gcn.layer2) == repr(r50.layer2)
+
+
+def test_branch_width_arithmetic():
+    # The issue's equations: 12288c + 10c^2 = 1,114,112 and 32768c + 14c^2 = 4,456,448.
+    assert bottleneck_macs_per_pixel(256) == 1_114_112 and bottleneck_macs_per_pixel(512) == 4_456_448
+    assert gcn_macs_per_pixel(256, 5, 1) - 10 == 12288 and gcn_macs_per_pixel(512, 7, 1) - 14 == 32768
+    assert matched_branch_width(256, 5) == 85
+    assert abs(matched_branch_width(512, 7) - 128) <= 1  # solves to 128.9; Table 11 says 128
+    for p, k, c in ((256, 5, 85), (512, 7, 128)):
+        assert abs(gcn_macs_per_pixel(p, k, c) / bottleneck_macs_per_pixel(p) - 1) < 0.01
+
+
+def test_sum_merge_is_an_option():
+    model = timm.create_model("resnet50_gcn", gcn_merge="sum")
+    block = model.layer3[1]
+    assert not block.concat and block.conv.in_channels == block.width == matched_branch_width(256, 5, "sum")
+    assert model(torch.randn(X_SMALL)).shape == (2, 1000)
+    with pytest.raises(ValueError, match="merge"):
+        timm.create_model("resnet50_gcn", gcn_merge="mean")
+
+
+# ---- cost ---------------------------------------------------------------------------------------
+
+def test_total_macs_within_10_percent_of_resnet50(macs224):
+    ratio = macs224["gcn"][""] / macs224["r50"][""]
+    assert 0.9 <= ratio <= 1.1, ratio
+
+
+@pytest.mark.parametrize("stage,first_matters", [("layer3", 6), ("layer4", 3)])
+def test_each_non_first_block_within_2_percent(macs224, stage, first_matters):
+    for i in range(1, first_matters):
+        g, r = macs224["gcn"][f"{stage}.{i}"], macs224["r50"][f"{stage}.{i}"]
+        assert abs(g / r - 1) <= 0.02, (stage, i, g, r)
+    # and the formula of the docstring is what the flop counter sees (14x14 / 7x7 at 224 input)
+    hw = {"layer3": 14 * 14, "layer4": 7 * 7}[stage]
+    p, k, c = (256, 5, 85) if stage == "layer3" else (512, 7, 128)
+    assert macs224["gcn"][f"{stage}.1"] == gcn_macs_per_pixel(p, k, c) * hw
+
+
+def test_report_cli_json():
+    out = subprocess.run([sys.executable, "-m", "backbone.report", "--json", "--resolution", "64"],
+                         capture_output=True, text=True, check=True).stdout
+    reports = {r["model"]: r for r in json.loads(out)}
+    assert set(reports) == {"resnet50", "resnet50_gcn"}
+    for r in reports.values():
+        assert sum(s["macs"] for s in r["stages"].values()) == r["total"]["macs"]
+        assert sum(s["params"] for s in r["stages"].values()) == r["total"]["params"]
+    bad = subprocess.run([sys.executable, "-m", "backbone.report", "resnet5O_gcn"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "unknown model" in bad.stderr
+
+
+# ---- timm conformance ---------------------------------------------------------------------------
+
+def test_num_classes_and_heads(gcn):
+    x = torch.randn(X_SMALL)
+    model = timm.create_model("resnet50_gcn", num_classes=7)
+    assert model(x).shape == (2, 7)
+    feats = gcn.forward_features(x)
+    assert feats.shape == (2, 2048, 2, 2)
+    assert gcn.forward_head(feats, pre_logits=True).shape == (2, 2048)
+    model.reset_classifier(3)
+    assert model(x).shape == (2, 3) and model.get_classifier().out_features == 3
+    model.reset_classifier(0)
+    assert model(x).shape == (2, 2048)
+
+
+def test_features_only():
+    model = timm.create_model("resnet50_gcn", features_only=True, out_indices=(1, 2, 3, 4))
+    assert model.feature_info.channels() == [256, 512, 1024, 2048]
+    assert model.feature_info.reduction() == [4, 8, 16, 32]
+    outs = model(torch.randn(1, 3, 96, 128))
+    assert [tuple(o.shape) for o in outs] == [(1, 256, 24, 32), (1, 512, 12, 16), (1, 1024, 6, 8),
+                                              (1, 2048, 3, 4)]
+
+
+def test_forward_intermediates(gcn):
+    x = torch.randn(X_SMALL)
+    final, inter = gcn.forward_intermediates(x, indices=4)
+    assert [t.shape[1] for t in inter] == [256, 512, 1024, 2048]
+    assert torch.allclose(final, gcn.forward_features(x))
+
+
+def test_channels_last_matches_nchw(gcn):
+    x = torch.randn(X_SMALL)
+    with torch.no_grad():
+        ref = gcn(x)
+        model_cl = timm.create_model("resnet50_gcn").eval()
+        model_cl.load_state_dict(gcn.state_dict())
+        model_cl = model_cl.to(memory_format=torch.channels_last)
+        out = model_cl(x.contiguous(memory_format=torch.channels_last))
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_every_parameter_gets_a_gradient():
+    model = timm.create_model("resnet50_gcn", zero_init_last=False).train()
+    model(torch.randn(X_SMALL)).logsumexp(1).sum().backward()
+    missing = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+    assert not missing, missing
+
+
+def test_meta_device_and_dtype():
+    model = timm.create_model("resnet50_gcn", device="meta")
+    assert all(p.device.type == "meta" for p in model.parameters())
+    model = timm.create_model("resnet50_gcn", dtype=torch.bfloat16)
+    assert all(p.dtype == torch.bfloat16 for p in model.parameters())
+
+
+def test_jit_script_and_fx(gcn):
+    x = torch.randn(X_SMALL)
+    with torch.no_grad():
+        ref = gcn(x)
+        scripted = torch.jit.script(gcn)
+        torch.testing.assert_close(scripted(x), ref)
+        traced = torch.fx.symbolic_trace(gcn)
+        torch.testing.assert_close(traced(x), ref)
+    fx_feats = timm.create_model("resnet50_gcn", features_only=True, feature_cls="fx")
+    assert [o.shape[1] for o in fx_feats(x)] == [64, 256, 512, 1024, 2048]
+
+
+def test_torch_compile(gcn):
+    x = torch.randn(X_SMALL)
+    with torch.no_grad():
+        # Whole model: dynamo captures it as one graph (no graph breaks). Inductor's code
+        # generation of the whole network takes minutes on 2 cores, so it runs on one block.
+        whole = torch.compile(gcn, backend="aot_eager", fullgraph=True)
+        torch.testing.assert_close(whole(x), gcn(x))
+        block = gcn.layer4[1]
+        y = torch.randn(2, 2048, 4, 4)
+        torch.testing.assert_close(torch.compile(block, fullgraph=True)(y), block(y), rtol=1e-4, atol=1e-4)
+
+
+def test_blurpool_and_dilation_options():
+    from timm.layers import BlurPool2d
+    model = timm.create_model("resnet50_gcn", aa_layer=BlurPool2d)
+    assert model(torch.randn(X_SMALL)).shape == (2, 1000)
+    model = timm.create_model("resnet50_gcn", output_stride=16, features_only=True)
+    assert model.feature_info.reduction()[-1] == 16
+    assert model(torch.randn(X_SMALL))[-1].shape[-1] == 4
+
+
+# ---- weights -------------------------------------------------------------------------------------
+
+def _final_pth(model: nn.Module, path, name="resnet50_gcn"):
+    torch.save({"state_dict": model.state_dict(), "model_name": name, "num_classes": 1000,
+                "pretrained_cfg": dict(model.pretrained_cfg), "format": WEIGHTS_FORMAT}, path)
+    return path
+
+
+@pytest.mark.parametrize("fmt", ["final", "train", "plain"])
+def test_checkpoint_round_trip_through_create_model(gcn, tmp_path, fmt):
+    path = tmp_path / f"{fmt}.pth"
+    if fmt == "final":
+        _final_pth(gcn, path)
+    elif fmt == "train":
+        torch.save({"model": {f"module.{k}": v for k, v in gcn.state_dict().items()}, "epoch": 3,
+                    "model_name": "resnet50_gcn", "format": "lkm-train-v1"}, path)
+    else:
+        torch.save(gcn.state_dict(), path)
+    x = torch.randn(X_SMALL)
+    with torch.no_grad():
+        ref = gcn(x)
+        by_file = timm.create_model("resnet50_gcn", pretrained=True, pretrained_cfg_overlay=dict(file=str(path)))
+        torch.testing.assert_close(by_file.eval()(x), ref)
+        by_ckpt = timm.create_model("resnet50_gcn", checkpoint_path=str(path))
+        if fmt != "train":  # timm's checkpoint_path does not strip DDP's 'module.'; pretrained= does
+            torch.testing.assert_close(by_ckpt.eval()(x), ref)
+        # another class count: the backbone loads, the classifier is new
+        ten = timm.create_model("resnet50_gcn", pretrained=True, num_classes=10,
+                                pretrained_cfg_overlay=dict(file=str(path)))
+        torch.testing.assert_close(ten.layer4[2].conv.weight, gcn.layer4[2].conv.weight)
+        feats = timm.create_model("resnet50_gcn", pretrained=True, features_only=True,
+                                  pretrained_cfg_overlay=dict(file=str(path)))
+        torch.testing.assert_close(feats.eval()(x)[-1], gcn.forward_features(x))
+
+
+def test_ema_weights_preferred(gcn, tmp_path):
+    ema = {k: v + 1 if v.is_floating_point() else v for k, v in gcn.state_dict().items()}
+    path = tmp_path / "ckpt.pth"
+    torch.save({"model": gcn.state_dict(), "model_ema": ema, "model_name": "resnet50_gcn"}, path)
+    model = timm.create_model("resnet50_gcn", pretrained=True, pretrained_cfg_overlay=dict(file=str(path)))
+    torch.testing.assert_close(model.conv1.weight, ema["conv1.weight"])
+
+
+def test_missing_file_is_named(tmp_path):
+    missing = tmp_path / "nope" / "final.pth"
+    with pytest.raises(FileNotFoundError, match="nope/final.pth"):
+        timm.create_model("resnet50_gcn", pretrained=True, pretrained_cfg_overlay=dict(file=str(missing)))
+    with pytest.raises(FileNotFoundError, match="nope/final.pth"):
+        backbone.load_weights(timm.create_model("resnet50"), missing)
+
+
+def test_other_architecture_is_named(r50, tmp_path):
+    path = _final_pth(r50, tmp_path / "r50_final.pth", name="resnet50")
+    with pytest.raises(WeightsMismatchError) as err:
+        timm.create_model("resnet50_gcn", pretrained=True, pretrained_cfg_overlay=dict(file=str(path)))
+    msg = str(err.value)
+    assert "r50_final.pth" in msg and "'resnet50_gcn'" in msg and "resnet50)" in msg
+    assert "layer3.0.branch_a.0.conv.weight" in msg  # missing in the checkpoint
+    assert "layer3.0.conv2.weight" in msg  # not in the model
+    assert "shape mismatches" in msg and "layer4.0.conv" in msg or "missing" in msg
+    # timm's checkpoint_path= route: the keys are named (timm does not pass the file name on)
+    with pytest.raises(WeightsMismatchError, match="layer3.0.branch_a.0.conv.weight"):
+        timm.create_model("resnet50_gcn", checkpoint_path=str(path))
+    # and the other way round, through the project's loader
+    gcn_path = _final_pth(timm.create_model("resnet50_gcn"), tmp_path / "gcn_final.pth")
+    with pytest.raises(WeightsMismatchError, match=r"gcn_final.pth does not fit model 'resnet50'"):
+        backbone.load_weights(timm.create_model("resnet50"), gcn_path)
+
+
+def test_unreadable_file_is_named(tmp_path):
+    bad = tmp_path / "truncated.pth"
+    bad.write_bytes(b"PK\x03\x04 not really a checkpoint")
+    with pytest.raises(WeightsMismatchError, match="cannot read checkpoint .*truncated.pth"):
+        backbone.read_state_dict(bad)
