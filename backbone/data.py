@@ -1,0 +1,256 @@
+"""ffcv loaders for ImageNet pretraining, as ffcv-imagenet builds them, for CUDA and CPU.
+
+The ``.beton`` comes from ``python -m backbone.write_beton`` (fields ``image``, ``label``; class map
+in the JSON beside it). Batches are ``(images, labels)``: images normalised with the ImageNet
+mean/std, NCHW in channels_last memory format, float16 on CUDA and float32 on CPU; labels int64 of
+shape ``(B,)``; both on the requested device. Batches are views into buffers that ffcv reuses:
+``.clone()`` anything kept past the next iteration, and finish (or close) every epoch you start.
+
+Sample order (``order="random"``): epoch ``e`` of a loader with seed ``s`` is
+``numpy.random.default_rng(s + e).permutation(N)`` on one process, and under ``distributed=True``
+torch's ``DistributedSampler(shuffle=True, seed=s, drop_last=False)`` with ``set_epoch(e)`` (a
+permutation from ``torch.Generator().manual_seed(s + e)``, padded to a multiple of the world size by
+repeating its first samples, rank ``r`` taking every ``world``-th sample from ``r``). The loader
+counts epochs itself (``loader.next_epoch`` goes up by one per ``iter()``), so a resumed run calls
+``set_epoch(loader, start_epoch)`` once to get the same order as a run that never stopped. With
+``order="quasi_random"`` ffcv reshuffles its page table in place each epoch, so the order depends on
+the epochs the loader has already produced and a resumed run does not replay it. The random crops
+and flips come from numba's per-thread generators and are not seeded.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+from ffcv.fields.basics import IntDecoder
+from ffcv.fields.rgb_image import CenterCropRGBImageDecoder, RandomResizedCropRGBImageDecoder
+from ffcv.loader import Loader, OrderOption
+from ffcv.pipeline.allocation_query import AllocationQuery
+from ffcv.pipeline.operation import Operation
+from ffcv.pipeline.state import State
+from ffcv.transforms import NormalizeImage, RandomHorizontalFlip, Squeeze, ToDevice, ToTensor, ToTorchImage
+
+IMAGENET_MEAN = np.array([0.485, 0.456, 0.406]) * 255
+IMAGENET_STD = np.array([0.229, 0.224, 0.225]) * 255
+VAL_CROP_RATIO = 224 / 256
+ORDERS = {"random": OrderOption.RANDOM, "quasi_random": OrderOption.QUASI_RANDOM}
+
+
+def _meta_path(beton: Path) -> Path:
+    return beton.with_suffix(".json")
+
+
+def read_meta(beton: str | Path) -> dict:
+    """The JSON written beside ``beton`` by ``backbone.write_beton`` (class map, counts, settings)."""
+    beton = Path(beton)
+    if not beton.is_file():
+        raise FileNotFoundError(
+            f"{beton} not found; write it with: "
+            f"python -m backbone.write_beton --data-dir SPLIT_DIR --out {beton}"
+        )
+    meta = _meta_path(beton)
+    if not meta.is_file():
+        raise FileNotFoundError(
+            f"{meta} (the class map written beside {beton.name}) is missing; it is written by "
+            f"python -m backbone.write_beton, rewrite the .beton with it (--overwrite)"
+        )
+    with meta.open() as f:
+        return json.load(f)
+
+
+class TorchNormalize(Operation):
+    """GPU ``NormalizeImage`` in plain torch, for machines without cupy (ffcv's version needs it).
+
+    Same place in the pipeline and same buffer discipline: the result goes into a buffer ffcv
+    allocates per batch slot, so ffcv's stream/event bookkeeping protects it like its own.
+    """
+
+    def __init__(self, mean: np.ndarray, std: np.ndarray, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.mean = torch.as_tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
+        self.std = torch.as_tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
+        self.dtype = dtype
+
+    def generate_code(self):
+        mean, std = self.mean, self.std
+
+        def normalize(images: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+            b, c, h, w = images.shape
+            out = result[:b].view(b, h, w, c).permute(0, 3, 1, 2)  # channels_last view of the buffer
+            out.copy_(images)
+            return out.sub_(mean).div_(std)
+
+        return normalize
+
+    def declare_state_and_memory(self, previous_state: State) -> tuple[State, AllocationQuery]:
+        self.mean = self.mean.to(previous_state.device, self.dtype)
+        self.std = self.std.to(previous_state.device, self.dtype)
+        return (
+            replace(previous_state, dtype=self.dtype),
+            AllocationQuery(shape=previous_state.shape, dtype=self.dtype, device=previous_state.device),
+        )
+
+
+def _gpu_normalize() -> Operation:
+    try:
+        import cupy  # noqa: F401  (ffcv's GPU NormalizeImage compiles a cupy kernel)
+    except ImportError:
+        return TorchNormalize(IMAGENET_MEAN, IMAGENET_STD, torch.float16)
+    return NormalizeImage(IMAGENET_MEAN, IMAGENET_STD, np.float16)
+
+
+def image_pipeline(decoder: Operation, device: torch.device, *, flip: bool) -> list[Operation]:
+    """Decoder -> (flip) -> normalise -> NCHW channels_last tensor on ``device``.
+
+    On CUDA this is ffcv-imagenet's order: uint8 crosses to the GPU (4x fewer bytes than float32)
+    and is normalised there. On CPU, normalising after ``ToTensor`` makes the pipeline go compiled
+    -> plain -> compiled, which ffcv 1.0.2 cannot schedule (``Loader()`` spins forever), so the
+    CPU pipeline normalises in numba first and needs no ``ToDevice`` copy.
+    """
+    ops: list[Operation] = [decoder] + ([RandomHorizontalFlip()] if flip else [])
+    if device.type == "cuda":
+        return ops + [ToTensor(), ToDevice(device, non_blocking=True), ToTorchImage(), _gpu_normalize()]
+    return ops + [NormalizeImage(IMAGENET_MEAN, IMAGENET_STD, np.float32), ToTensor(), ToTorchImage()]
+
+
+def label_pipeline(device: torch.device) -> list[Operation]:
+    # Squeeze(1), not Squeeze(): a last batch of one sample must keep its batch dimension.
+    ops: list[Operation] = [IntDecoder(), ToTensor(), Squeeze(1)]
+    return ops + ([ToDevice(device, non_blocking=True)] if device.type == "cuda" else [])
+
+
+def _check_common(
+    beton: str | Path,
+    batch_size: int,
+    num_workers: int,
+    resolution: int,
+    device: torch.device,
+    distributed: bool,
+) -> torch.device:
+    read_meta(beton)
+    for name, value in (("batch_size", batch_size), ("num_workers", num_workers), ("resolution", resolution)):
+        if int(value) < 1:
+            raise ValueError(f"{name} must be a positive integer, not {value}")
+    device = torch.device(device)
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"device must be cpu or cuda, not {device}")
+    if distributed and not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        raise RuntimeError(
+            "distributed=True needs an initialised torch.distributed process group "
+            "(call torch.distributed.init_process_group first), or pass distributed=False"
+        )
+    return device
+
+
+def make_train_loader(
+    beton: str | Path,
+    *,
+    batch_size: int,
+    num_workers: int,
+    resolution: int,
+    device: torch.device,
+    distributed: bool = False,
+    seed: int = 0,
+    order: str = "random",
+    os_cache: bool = True,
+    drop_last: bool = True,
+    batches_ahead: int = 3,
+) -> Loader:
+    """Training loader: random resized crop to ``resolution``, random flip, normalise.
+
+    ``order``: ``"random"`` (default) or ``"quasi_random"`` (reads pages in a shuffled
+    page-local order; for datasets larger than RAM with ``os_cache=False``; not available with
+    ``distributed``). ``num_workers`` is the number of decoding threads (ffcv also sets
+    torch's CPU thread count to it). See the module docstring for how the order follows
+    ``seed`` and the epoch.
+    """
+    if order not in ORDERS:
+        raise ValueError(f"order must be one of {sorted(ORDERS)}, not {order!r}")
+    if order == "quasi_random" and distributed:
+        raise ValueError(
+            "order='quasi_random' is not supported by ffcv with distributed=True; use order='random'"
+        )
+    device = _check_common(beton, batch_size, num_workers, resolution, device, distributed)
+    decoder = RandomResizedCropRGBImageDecoder((resolution, resolution))
+    return Loader(
+        str(beton),
+        batch_size=batch_size,
+        num_workers=num_workers,
+        order=ORDERS[order],
+        os_cache=os_cache,
+        drop_last=drop_last,
+        distributed=distributed,
+        seed=seed,
+        batches_ahead=batches_ahead,
+        pipelines={"image": image_pipeline(decoder, device, flip=True), "label": label_pipeline(device)},
+    )
+
+
+def make_val_loader(
+    beton: str | Path,
+    *,
+    batch_size: int,
+    num_workers: int,
+    resolution: int = 256,
+    device: torch.device,
+    distributed: bool = False,
+    ratio: float = VAL_CROP_RATIO,
+    os_cache: bool = True,
+) -> Loader:
+    """Validation loader: centre crop of ``ratio`` x the short side, resized to ``resolution``.
+
+    Sequential order, every sample once (last batch may be smaller). Under ``distributed``,
+    ranks take interleaved slices and the set is padded to a multiple of the world size by
+    repeating the first samples, as torch's ``DistributedSampler`` does.
+    """
+    device = _check_common(beton, batch_size, num_workers, resolution, device, distributed)
+    if not 0 < ratio <= 1:
+        raise ValueError(f"ratio must be in (0, 1], not {ratio}")
+    decoder = CenterCropRGBImageDecoder((resolution, resolution), ratio=ratio)
+    return Loader(
+        str(beton),
+        batch_size=batch_size,
+        num_workers=num_workers,
+        order=OrderOption.SEQUENTIAL,
+        os_cache=os_cache,
+        drop_last=False,
+        distributed=distributed,
+        pipelines={"image": image_pipeline(decoder, device, flip=False), "label": label_pipeline(device)},
+    )
+
+
+def _train_decoder(loader: Loader) -> RandomResizedCropRGBImageDecoder:
+    decoder = loader.pipeline_specs["image"].decoder
+    if not isinstance(decoder, RandomResizedCropRGBImageDecoder):
+        raise TypeError(
+            f"expected a loader from make_train_loader, whose decoder is a random resized crop, "
+            f"got one decoding with {type(decoder).__name__}"
+        )
+    return decoder
+
+
+def set_train_resolution(loader: Loader, resolution: int) -> None:
+    """Change the crop size of a train loader; applies from the next ``iter(loader)``.
+
+    ffcv sizes its buffers when an epoch starts and the compiled code does not depend on the
+    size, so progressive resizing needs no new loader (as in ffcv-imagenet).
+    """
+    if int(resolution) < 1:
+        raise ValueError(f"resolution must be a positive integer, not {resolution}")
+    _train_decoder(loader).output_size = (int(resolution), int(resolution))
+
+
+def train_resolution(loader: Loader) -> int:
+    """The crop size the next epoch of a train loader will use."""
+    return int(_train_decoder(loader).output_size[0])
+
+
+def set_epoch(loader: Loader, epoch: int) -> None:
+    """Make the next ``iter(loader)`` yield epoch ``epoch``'s sample order (for resuming)."""
+    if int(epoch) < 0:
+        raise ValueError(f"epoch must be >= 0, not {epoch}")
+    loader.next_epoch = int(epoch)

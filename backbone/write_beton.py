@@ -1,0 +1,466 @@
+"""Write an ImageNet-style folder (``ROOT/<class>/<image>``) to an ffcv ``.beton``.
+
+    python -m backbone.write_beton --data-dir /data/imagenet/train --out /data/ffcv/train.beton
+
+One ``.beton`` per split, with fields ``image`` (``RGBImageField``) and ``label`` (``IntField``),
+and a JSON file beside it (``PATH.beton`` -> ``PATH.json``) holding the class names, their
+indices (sorted folder order, as torchvision's ``ImageFolder``), the writer settings and the
+skipped files. Defaults are the ones ffcv-imagenet writes ImageNet with.
+
+Order of work: scan and validate the folder and the output path (errors before any work), probe
+every image with a cheap reduced-size decode (catches truncated/unreadable files and gives the
+sizes, from which the page size is chosen), then write with ffcv's ``DatasetWriter`` to a
+temporary name that is renamed only once the file is complete.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import sys
+import threading
+import time
+import warnings
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from multiprocessing import active_children
+from multiprocessing.shared_memory import SharedMemory
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from torchvision.datasets.folder import IMG_EXTENSIONS
+from tqdm import tqdm
+
+BETON_SUFFIX = ".beton"
+MIN_PAGE_SIZE = 1 << 23  # ffcv's default DatasetWriter page size (8 MiB)
+MAX_SIDE = 65535  # RGBImageField stores width and height as uint16
+
+
+class WriterError(RuntimeError):
+    """Bad input or output for the writer; the message names the problem and the fix."""
+
+
+@dataclass
+class WriterSettings:
+    write_mode: str = "proportion"
+    max_resolution: int | None = 500
+    compress_probability: float = 0.5
+    jpeg_quality: int = 90
+    smart_threshold: int | None = None
+    seed: int = 0
+
+    def validate(self) -> None:
+        if self.write_mode not in ("raw", "jpg", "smart", "proportion"):
+            raise WriterError(f"write_mode must be raw, jpg, smart or proportion, not {self.write_mode!r}")
+        if self.max_resolution is not None and self.max_resolution < 1:
+            raise WriterError(
+                f"max_resolution must be positive (or None to keep sizes), not {self.max_resolution}"
+            )
+        if not 0.0 <= self.compress_probability <= 1.0:
+            raise WriterError(f"compress_probability must be in [0, 1], not {self.compress_probability}")
+        if not 1 <= self.jpeg_quality <= 100:
+            raise WriterError(f"jpeg_quality must be in [1, 100], not {self.jpeg_quality}")
+
+
+@dataclass
+class FolderScan:
+    root: Path
+    classes: list[str]
+    samples: list[tuple[Path, int]]
+    skipped: list[dict] = field(default_factory=list)
+
+    @property
+    def class_to_idx(self) -> dict[str, int]:
+        return {name: i for i, name in enumerate(self.classes)}
+
+
+def meta_path(beton: str | Path) -> Path:
+    """The JSON written beside a ``.beton``: ``PATH.beton`` -> ``PATH.json``."""
+    return Path(beton).with_suffix(".json")
+
+
+def _is_image(path: Path) -> bool:
+    return path.suffix.lower() in IMG_EXTENSIONS
+
+
+def scan_imagefolder(root: str | Path) -> FolderScan:
+    """Classes and ``(path, label)`` samples, in torchvision ``ImageFolder`` order.
+
+    Same rules as ``ImageFolder``: class folders sorted by name, images found recursively
+    (following links) with its extension list, case-insensitively, sorted within a class.
+    """
+    root = Path(root)
+    if not root.exists():
+        raise WriterError(
+            f"--data-dir {root} does not exist; pass the folder that holds one folder per class"
+        )
+    if not root.is_dir():
+        raise WriterError(
+            f"--data-dir {root} is not a folder; pass the folder that holds one folder per class"
+        )
+    classes = sorted(e.name for e in os.scandir(root) if e.is_dir())
+    if not classes:
+        raise WriterError(
+            f"no class folders in {root}: expected ROOT/<class>/<image> (ImageNet layout), e.g. "
+            f"{root}/n01440764/n01440764_10026.JPEG; did you pass the parent of train/ and val/?"
+        )
+    samples: list[tuple[Path, int]] = []
+    empty: list[str] = []
+    for label, name in enumerate(classes):
+        found = []
+        for dirpath, _, fnames in sorted(os.walk(root / name, followlinks=True)):
+            found.extend(Path(dirpath) / f for f in sorted(fnames) if _is_image(Path(f)))
+        if not found:
+            empty.append(name)
+        samples.extend((p, label) for p in found)
+    if empty:
+        shown = ", ".join(empty[:10]) + (f" and {len(empty) - 10} more" if len(empty) > 10 else "")
+        raise WriterError(
+            f"{len(empty)} class folder(s) in {root} hold no images ({shown}); every class needs images "
+            f"with one of the extensions {', '.join(IMG_EXTENSIONS)}. Remove the empty folders or fill them."
+        )
+    return FolderScan(root=root, classes=classes, samples=samples)
+
+
+def check_output(out: str | Path, overwrite: bool) -> tuple[Path, Path]:
+    """Validate the output path before any work; return the temporary (beton, json) names."""
+    out = Path(out)
+    if out.suffix != BETON_SUFFIX:
+        raise WriterError(
+            f"--out {out} must end in {BETON_SUFFIX} (the class map is written beside it as .json)"
+        )
+    if out.is_dir():
+        raise WriterError(f"--out {out} is a folder; pass a file name such as {out / 'train.beton'}")
+    if not out.parent.is_dir():
+        raise WriterError(f"the folder of --out {out} does not exist; create {out.parent} first")
+    for existing in (out, meta_path(out)):
+        if existing.exists() and not overwrite:
+            raise WriterError(
+                f"{existing} already exists; pass --overwrite to replace it, or choose another --out"
+            )
+    tmp_beton = out.with_name(f".{out.name}.partial-{os.getpid()}")
+    tmp_json = meta_path(out).with_name(f".{meta_path(out).name}.partial-{os.getpid()}")
+    try:
+        tmp_beton.touch()
+    except OSError as e:
+        raise WriterError(f"cannot write to {out.parent} ({e.strerror}); choose a writable --out") from e
+    return tmp_beton, tmp_json
+
+
+def probe_image(path: Path) -> tuple[int, int]:
+    """(width, height) of a readable image; raises if it cannot be decoded in full.
+
+    JPEGs are decoded with DCT scaling (``draft``, 1/8 size): every byte is still entropy-decoded,
+    so truncation and corruption are caught, at a fraction of the cost of a full decode.
+    """
+    with Image.open(path) as im:
+        w, h = im.size
+        im.draft(im.mode, (max(1, w // 8), max(1, h // 8)))
+        im.load()
+    return w, h
+
+
+def _probe_all(scan: FolderScan, settings: WriterSettings, num_workers: int, skip_bad: bool) -> int:
+    """Drop unreadable files from ``scan`` (or raise); return the largest sample's raw size in bytes."""
+
+    def probe(path: Path) -> tuple[int, int] | str:
+        try:
+            return probe_image(path)
+        except Exception as e:  # PIL raises many types (OSError, SyntaxError, ValueError, ...)
+            return f"{type(e).__name__}: {e}"
+
+    # PIL releases the GIL while decoding, so threads give parallelism without forking. Submitted
+    # in slices: one future per image of ImageNet at once would hold ~1 GB.
+    paths = [p for p, _ in scan.samples]
+    results: list[tuple[int, int] | str] = []
+    with (
+        ThreadPoolExecutor(max_workers=num_workers) as pool,
+        tqdm(total=len(paths), desc="checking images") as bar,
+    ):
+        for start in range(0, len(paths), 4096):
+            results.extend(pool.map(probe, paths[start : start + 4096]))
+            bar.update(len(paths[start : start + 4096]))
+    kept, max_bytes = [], 0
+    for (path, label), res in zip(scan.samples, results, strict=True):
+        if isinstance(res, tuple):
+            w, h = res
+            if settings.max_resolution is not None and max(w, h) > settings.max_resolution:
+                s = settings.max_resolution / max(w, h)
+                w, h = int(w * s), int(h * s)
+            if max(w, h) > MAX_SIDE:
+                res = f"{w}x{h} is larger than ffcv's limit of {MAX_SIDE} px per side; use --max-resolution"
+            else:
+                max_bytes = max(max_bytes, w * h * 3)
+                kept.append((path, label))
+                continue
+        if not skip_bad:
+            raise WriterError(
+                f"cannot read image {path} ({res}); delete or replace it, or pass --skip-bad to leave it out"
+            )
+        scan.skipped.append({"path": str(path.relative_to(scan.root)), "label": label, "error": res})
+    scan.samples = kept
+    if not kept:
+        raise WriterError(f"no readable images in {scan.root}")
+    empty = sorted(set(scan.classes) - {scan.classes[label] for _, label in kept})
+    if empty:
+        raise WriterError(f"after skipping unreadable files, class(es) {', '.join(empty)} hold no images")
+    return max_bytes
+
+
+def page_size_for(max_sample_bytes: int) -> int:
+    """ffcv stores each sample inside one page: the page must hold the largest raw image."""
+    size = MIN_PAGE_SIZE
+    while size < 2 * max_sample_bytes:
+        size *= 2
+    return size
+
+
+class ImageFolderRGB:
+    """Indexable (image, label) source for ``DatasetWriter``: every image converted to RGB uint8.
+
+    ``convert('RGB')`` handles grayscale, CMYK and palette files, and PIL picks the decoder from
+    the content, so a PNG saved as ``.JPEG`` is read correctly.
+    """
+
+    def __init__(self, samples: Sequence[tuple[Path, int]], seed: int) -> None:
+        self.samples = list(samples)
+        self.seed = seed
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> tuple[np.ndarray, int]:
+        path, label = self.samples[index]
+        # RGBImageField draws its raw/jpg choice ('proportion' mode) from numpy's global RNG in
+        # this worker: seeding per image makes the choice independent of the worker split.
+        np.random.seed((self.seed * 1_000_003 + index) % 2**32)
+        try:
+            with Image.open(path) as im:
+                return np.ascontiguousarray(im.convert("RGB")), label
+        except Exception as e:
+            raise WriterError(f"cannot read image {path}: {type(e).__name__}: {e}") from e
+
+
+class _WorkerWatch(threading.Thread):
+    """Interrupts the main thread when a writer worker process dies.
+
+    ffcv's ``DatasetWriter`` waits for a sample count that a dead worker never delivers, so
+    without this a failed worker (disk full, file changed since the check) hangs the run.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(daemon=True)
+        self.stop = threading.Event()
+        self.failed: list[str] = []
+
+    def run(self) -> None:
+        seen = {}
+        while not self.stop.wait(0.2):
+            for p in active_children():
+                seen.setdefault(p.pid, p)
+            for p in seen.values():
+                if p.exitcode not in (None, 0):
+                    self.failed.append(f"{p.name} (pid {p.pid}) exited with code {p.exitcode}")
+            if self.failed and not self.stop.is_set():
+                import _thread
+
+                _thread.interrupt_main()
+                return
+
+
+def _write_samples(
+    scan: FolderScan,
+    tmp_beton: Path,
+    settings: WriterSettings,
+    num_workers: int,
+    chunk_size: int,
+    page_size: int,
+) -> None:
+    from ffcv.fields import IntField, RGBImageField
+    from ffcv.writer import DatasetWriter
+
+    fields = {
+        "image": RGBImageField(
+            write_mode=settings.write_mode,
+            max_resolution=settings.max_resolution,
+            smart_threshold=settings.smart_threshold,
+            jpeg_quality=settings.jpeg_quality,
+            compress_probability=settings.compress_probability,
+        ),
+        "label": IntField(),
+    }
+    writer = DatasetWriter(str(tmp_beton), fields, page_size=page_size, num_workers=num_workers)
+    watch = _WorkerWatch()
+    watch.start()
+    try:
+        writer.from_indexed_dataset(ImageFolderRGB(scan.samples, settings.seed), chunksize=chunk_size)
+    except KeyboardInterrupt:
+        watch.stop.set()
+        for p in active_children():
+            p.terminate()
+            p.join()
+        sm = getattr(writer, "metadata_sm", None)
+        if isinstance(sm, SharedMemory):
+            sm.close()
+            sm.unlink()
+        if watch.failed:
+            raise WriterError(
+                "a writer worker failed (" + "; ".join(watch.failed) + "); its error is printed above"
+            ) from None
+        raise
+    finally:
+        watch.stop.set()
+
+
+def write_beton(
+    data_dir: str | Path,
+    out: str | Path,
+    settings: WriterSettings | None = None,
+    *,
+    num_workers: int | None = None,
+    skip_bad: bool = False,
+    overwrite: bool = False,
+    chunk_size: int = 100,
+) -> dict:
+    """Write ``data_dir`` to ``out`` (+ the JSON beside it); return the JSON's content.
+
+    ``DatasetWriter`` forks worker processes: call this from a process that has no ffcv
+    ``Loader`` alive (a forked child can inherit numba's compiler lock and hang).
+    """
+    start = time.perf_counter()
+    settings = settings or WriterSettings()
+    settings.validate()
+    num_workers = num_workers or os.cpu_count() or 1
+    if num_workers < 1 or chunk_size < 1:
+        raise WriterError(f"num_workers and chunk_size must be at least 1, not {num_workers} and {chunk_size}")
+    out = Path(out)
+    scan = scan_imagefolder(data_dir)
+    tmp_beton, tmp_json = check_output(out, overwrite)
+    try:
+        max_bytes = _probe_all(scan, settings, num_workers, skip_bad)
+        _write_samples(scan, tmp_beton, settings, num_workers, chunk_size, page_size_for(max_bytes))
+        meta = {
+            "classes": scan.classes,
+            "class_to_idx": scan.class_to_idx,
+            "num_classes": len(scan.classes),
+            "num_images": len(scan.samples),
+            "class_counts": np.bincount(
+                [lab for _, lab in scan.samples], minlength=len(scan.classes)
+            ).tolist(),
+            "writer": {
+                **asdict(settings),
+                "fields": {"image": "RGBImageField", "label": "IntField"},
+                "source": str(scan.root.resolve()),
+                "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+            },
+            "skipped": scan.skipped,
+        }
+        tmp_json.write_text(json.dumps(meta, indent=1) + "\n")
+        # The JSON first, the .beton last: an existing .beton always has its JSON.
+        os.replace(tmp_json, meta_path(out))
+        os.replace(tmp_beton, out)
+    finally:
+        for tmp in (tmp_beton, tmp_json):
+            tmp.unlink(missing_ok=True)
+    meta["seconds"] = time.perf_counter() - start
+    meta["bytes"] = out.stat().st_size
+    return meta
+
+
+def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    d = WriterSettings()
+    p = argparse.ArgumentParser(
+        prog="python -m backbone.write_beton",
+        description="Write an ImageNet-style folder (ROOT/<class>/<image>) to an ffcv .beton, plus a JSON "
+        "class map beside it (PATH.beton -> PATH.json). Run once per split.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--data-dir", required=True, type=Path, help="split folder with one sub-folder per class")
+    p.add_argument("--out", required=True, type=Path, help="output file, e.g. /data/ffcv/train.beton")
+    p.add_argument(
+        "--write-mode",
+        default=d.write_mode,
+        choices=["raw", "jpg", "smart", "proportion"],
+        help="raw pixels, JPEG, 'smart' (JPEG above --smart-threshold bytes) or 'proportion' "
+        "(JPEG with probability --compress-probability)",
+    )
+    p.add_argument(
+        "--max-resolution",
+        type=int,
+        default=d.max_resolution,
+        help="longest side after resizing (INTER_AREA); 0 keeps the original sizes",
+    )
+    p.add_argument(
+        "--compress-probability",
+        type=float,
+        default=d.compress_probability,
+        help="fraction stored as JPEG in 'proportion' mode",
+    )
+    p.add_argument(
+        "--jpeg-quality", type=int, default=d.jpeg_quality, help="JPEG quality of re-encoded images"
+    )
+    p.add_argument(
+        "--smart-threshold",
+        type=int,
+        default=d.smart_threshold,
+        help="'smart' mode: raw images larger than this many bytes are stored as JPEG",
+    )
+    p.add_argument("--num-workers", type=int, default=os.cpu_count(), help="writer processes")
+    p.add_argument("--chunk-size", type=int, default=100, help="images per work item")
+    p.add_argument("--seed", type=int, default=d.seed, help="seed of the per-image raw/JPEG choice")
+    p.add_argument(
+        "--skip-bad",
+        action="store_true",
+        help="leave out unreadable or truncated images (listed in the JSON) instead of stopping",
+    )
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    return p.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parse_args(argv)
+    settings = WriterSettings(
+        write_mode=args.write_mode,
+        max_resolution=args.max_resolution or None,
+        compress_probability=args.compress_probability,
+        jpeg_quality=args.jpeg_quality,
+        smart_threshold=args.smart_threshold,
+        seed=args.seed,
+    )
+    try:
+        with warnings.catch_warnings():
+            # Truncated/odd files are reported by the probe; PIL's own warnings would repeat them.
+            warnings.simplefilter("ignore", UserWarning)
+            meta = write_beton(
+                args.data_dir,
+                args.out,
+                settings,
+                num_workers=args.num_workers,
+                skip_bad=args.skip_bad,
+                overwrite=args.overwrite,
+                chunk_size=args.chunk_size,
+            )
+    except WriterError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"interrupted: nothing was written to {args.out}", file=sys.stderr)
+        return 130
+    print(
+        f"wrote {args.out}: {meta['num_images']} images, {meta['num_classes']} classes, "
+        f"{meta['bytes'] / 2**20:.1f} MiB, {meta['seconds']:.1f} s"
+        + (
+            f", {len(meta['skipped'])} unreadable file(s) skipped (listed in {meta_path(args.out)})"
+            if meta["skipped"]
+            else ""
+        )
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
