@@ -1,0 +1,125 @@
+"""Logging for runs: python logging setup, rank-0 JSON-lines metrics, progress display.
+
+Interactive runs (stderr is a terminal) get a tqdm bar; batch jobs (SLURM logs, CI) get one
+summary line every ``every_s`` seconds instead, which reads well in a log file where a bar's
+carriage returns would be one endless line. Only rank 0 writes metrics and shows progress;
+every line is tagged with its rank (the trainer keeps per-epoch messages to rank 0).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import sys
+import time
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+from tqdm import tqdm
+
+T = TypeVar("T")
+
+
+def setup_logging(rank: int = 0, level: int = logging.INFO, log_file: str | Path | None = None) -> None:
+    """Configure the root logger: rank-tagged lines on stderr (+ a file on rank 0 if given)."""
+    fmt = logging.Formatter(f"%(asctime)s [rank {rank}] %(levelname)s %(name)s: %(message)s",
+                            datefmt="%Y-%m-%d %H:%M:%S")
+    root = logging.getLogger()
+    for h in [h for h in root.handlers if getattr(h, "_lkm_run", False)]:  # ours only (pytest adds its own)
+        root.removeHandler(h)
+        h.close()
+    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
+    if log_file is not None and rank == 0:
+        handlers.append(logging.FileHandler(log_file))
+    for h in handlers:
+        h.setFormatter(fmt)
+        h._lkm_run = True  # type: ignore[attr-defined]
+        root.addHandler(h)
+    root.setLevel(level)
+
+
+def _jsonable(v: Any) -> Any:
+    if hasattr(v, "item") and callable(v.item):
+        v = v.item()
+    if isinstance(v, float) and not math.isfinite(v):
+        return str(v)  # JSON has no NaN/inf; keep the information as text
+    return v
+
+
+class MetricsWriter:
+    """Appends one JSON object per line to ``path`` (rank 0 only; a no-op elsewhere).
+
+    Appending keeps the history of a resumed run in one file; every record carries ``time``.
+    """
+
+    def __init__(self, path: str | Path, enabled: bool = True):
+        self.path = Path(path)
+        self.enabled = enabled
+        if enabled:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+
+    def write(self, **record: Any) -> None:
+        if not self.enabled:
+            return
+        record = {"time": round(time.time(), 3), **{k: _jsonable(v) for k, v in record.items()}}
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+def read_metrics(path: str | Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+class Progress:
+    """Wraps an iterable: tqdm bar on a TTY, else a summary line every ``every_s`` seconds.
+
+    ``update(**values)`` sets what is shown (loss, lr, images/s...).
+    """
+
+    def __init__(self, iterable: Iterable[T], total: int | None, desc: str, enabled: bool = True,
+                 every_s: float = 30.0, logger: logging.Logger | None = None, initial: int = 0):
+        self.iterable = iterable
+        self.total = total
+        self.desc = desc
+        self.enabled = enabled
+        self.every_s = every_s
+        self.log = logger or logging.getLogger("progress")
+        self.values: dict[str, Any] = {}
+        self.count = initial
+        self.tty = enabled and sys.stderr.isatty()
+        self.bar = tqdm(total=total, desc=desc, initial=initial, dynamic_ncols=True) if self.tty else None
+
+    def update(self, **values: Any) -> None:
+        self.values.update(values)
+        if self.bar is not None:
+            self.bar.set_postfix({k: _fmt(v) for k, v in self.values.items()}, refresh=False)
+
+    def _line(self) -> str:
+        of = f"/{self.total}" if self.total else ""
+        vals = " ".join(f"{k}={_fmt(v)}" for k, v in self.values.items())
+        return f"{self.desc} {self.count}{of} {vals}".rstrip()
+
+    def __iter__(self) -> Iterator[T]:
+        last, shown = time.monotonic(), ""
+        try:
+            for item in self.iterable:
+                yield item
+                self.count += 1
+                if self.bar is not None:
+                    self.bar.update(1)
+                elif self.enabled and time.monotonic() - last >= self.every_s:
+                    self.log.info(self._line())
+                    last, shown = time.monotonic(), self._line()
+        finally:
+            if self.bar is not None:
+                self.bar.close()
+            elif self.enabled and self._line() != shown:
+                self.log.info(self._line())
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v)

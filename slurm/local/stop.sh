@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# Stop exactly the daemons slurm/local/start.sh started (pids recorded in $LKM_SLURM_DIR/run/*.ours).
+#   slurm/local/stop.sh [--keep-jobs]   default: scancel every job of the test cluster first, so no
+#                                 slurmstepd / job process outlives slurmd
+# A munged that was already running before slurm/local/start.sh has no .ours file and is left alone.
+set -uo pipefail
+DIR=${LKM_SLURM_DIR:-/tmp/lkm-slurm}
+RUN=$DIR/run
+KEEP_JOBS=0
+[ "${1:-}" = "--keep-jobs" ] && KEEP_JOBS=1
+
+alive() { local p; [ -s "$1" ] && p=$(cat "$1") && [ -r "/proc/$p/comm" ] && [ "$(cat "/proc/$p/comm")" = "$2" ]; }
+
+if [ $KEEP_JOBS = 0 ] && alive "$RUN/slurmctld.ours" slurmctld; then
+  jobs=$(squeue -h -o %A 2>/dev/null | tr '\n' ' ')
+  if [ -n "${jobs// }" ]; then
+    echo "[slurm-local] cancelling jobs: $jobs"
+    scancel $jobs 2>/dev/null
+    for _ in $(seq 1 150); do [ -z "$(squeue -h -o %A 2>/dev/null)" ] && break; sleep 0.1; done
+  fi
+fi
+
+# stop_group NAME...: SIGTERM the recorded pids together, wait up to 10s each, then SIGKILL leftovers
+rc=0
+stop_group() {
+  local name f pid; local -a names=() pids=()
+  for name in "$@"; do
+    f=$RUN/$name.ours
+    if alive "$f" "$name"; then pid=$(cat "$f"); kill -TERM "$pid"; names+=("$name"); pids+=("$pid"); fi
+    rm -f "$f"
+  done
+  for i in "${!pids[@]}"; do
+    for _ in $(seq 1 200); do [ -d "/proc/${pids[$i]}" ] || break; sleep 0.05; done
+    if [ -d "/proc/${pids[$i]}" ]; then
+      echo "[slurm-local] ${names[$i]} (pid ${pids[$i]}) ignored SIGTERM, sending SIGKILL"; kill -KILL "${pids[$i]}"; rc=1
+    fi
+    echo "[slurm-local] stopped ${names[$i]} (pid ${pids[$i]})"
+  done
+}
+stop_group slurmd slurmctld   # both take ~2s to exit, so in parallel
+stop_group munged             # last: the slurm daemons authenticate through it
+exit $rc
