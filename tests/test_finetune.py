@@ -1,0 +1,265 @@
+"""Segmentation fine-tuning and evaluation on CPU: overfitting a few images, resume determinism,
+staged initialisation, the evaluator's CLI and fusion, bad input, and a 2-task job on local SLURM."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from seg_fixtures import make_voc
+
+from backbone.common import checkpoint as ckpt
+from backbone.common.config import ConfigError, load_config
+from backbone.common.logs import read_metrics
+from backbone.common.preemption import PreemptionFlag
+from backbone.weights import WeightsMismatchError
+from segmentation import evaluate
+from segmentation.datasets import voc_palette
+from segmentation.finetune import (
+    EpochSampler,
+    FinetuneConfig,
+    OptimConfig,
+    build_model,
+    main,
+    param_groups,
+    plan_run,
+    poly_lr,
+    run,
+)
+from segmentation.network import build_segmentation_model
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "configs/segmentation/tiny_cpu.yaml"
+
+
+class SignalAfter(PreemptionFlag):
+    """As if SIGUSR1 arrived after ``n`` step boundaries (real signals: tests/test_config.py, test_slurm.py)."""
+
+    def __init__(self, n: int):
+        super().__init__()
+        self.n = n
+
+    def __bool__(self) -> bool:
+        self.n -= 1
+        if self.n < 0 and self.signum is None:
+            self.set()
+        return self.signum is not None
+
+
+def tiny(devkit: Path, run_dir: Path, *extra: str) -> FinetuneConfig:
+    return load_config(FinetuneConfig, TINY, [f"data.root={devkit}", f"run.dir={run_dir}", *extra])
+
+
+@pytest.fixture(scope="module")
+def devkit(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_voc(tmp_path_factory.mktemp("voc"), n_train=6, n_val=3)
+
+
+@pytest.fixture(scope="module")
+def overfit(devkit: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """50 iterations on the 6 training images, validated on the same images."""
+    run_dir = tmp_path_factory.mktemp("finetune") / "overfit"
+    assert run(tiny(devkit, run_dir, "data.val_split=train", "train.iterations=50", "eval.every=25")) == "finished"
+    return run_dir
+
+
+# --- recipe pieces -----------------------------------------------------------------------------------
+def test_poly_lr_param_groups_and_sampler() -> None:
+    assert poly_lr(0.01, 0, 100) == 0.01 and poly_lr(0.01, 100, 100) == 0.0
+    assert poly_lr(0.01, 50, 100) == pytest.approx(0.01 * 0.5**0.9)
+    model = build_segmentation_model("resnet10t", "gcn_br", num_classes=21, kernel_size=7)
+    groups = param_groups(model, OptimConfig(head_lr_mult=10.0, weight_decay=1e-4))
+    by_name = {g["name"]: g for g in groups}
+    assert set(by_name) == {"backbone", "backbone_no_decay", "head", "head_no_decay"}
+    assert by_name["head"]["lr_mult"] == 10 and by_name["backbone"]["lr_mult"] == 1
+    assert by_name["backbone_no_decay"]["weight_decay"] == 0 and by_name["head"]["weight_decay"] == 1e-4
+    assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
+    encoder = {id(p) for p in model.encoder.parameters()}
+    assert all(id(p) in encoder for p in by_name["backbone"]["params"])
+    assert not any(id(p) in encoder for p in by_name["head"]["params"])
+
+    # two ranks share each epoch's permutation without overlap; a restart mid-epoch continues it
+    ranks = [EpochSampler(23, 3, r, 2, seed=5) for r in range(2)]
+    for s in ranks:
+        s.set_epoch(1)
+    a, b = (list(s) for s in ranks)
+    assert len(a) == len(b) == 9 and not {i for i, _ in a} & {i for i, _ in b}
+    ranks[0].set_epoch(1, start_step=2)
+    assert list(ranks[0]) == a[6:]
+    ranks[0].set_epoch(2)
+    assert [i for i, _ in ranks[0]] != [i for i, _ in a]
+
+
+# --- the tiny run ---------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_overfits_a_handful_of_images(overfit: Path) -> None:
+    records = read_metrics(overfit / "metrics.jsonl")
+    train = [r for r in records if r["kind"] == "train"]
+    val = [r for r in records if r["kind"] == "val"]
+    assert [r["step"] for r in val] == [25, 50]
+    assert val[-1]["miou"] > 0.9, val[-1]
+    assert {"pixel_acc", "boundary_acc", "internal_acc", "per_class_iou"} <= val[-1].keys()
+    assert train[-1]["loss"] < train[0]["loss"] / 5 and train[-1]["lr"] < train[0]["lr"]
+    final = torch.load(overfit / "final.pth", weights_only=True)
+    assert final["format"] == "lkm-seg-weights-v1" and final["val"]["miou"] == val[-1]["miou"]
+    assert final["model_args"] == {"backbone": "resnet10t", "head": "gcn_br", "num_classes": 21, "kernel_size": 7}
+    assert (overfit / "config.yaml").exists() and "val mIoU" in (overfit / "train.log").read_text()
+
+
+@pytest.mark.slow
+def test_evaluate_cli_scores_and_writes_colour_pngs(overfit: Path, devkit: Path, tmp_path: Path,
+                                                    capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "scores.json"
+    code = evaluate.main(["--checkpoint", str(overfit / "final.pth"), "--split", "train", "--scales", "0.75,1",
+                          "--flip", "--window", "32", "--max-images", "3", "--save-png", str(tmp_path / "png"),
+                          "--out", str(out)])
+    printed = capsys.readouterr().out
+    assert code == 0 and "aeroplane" in printed and "boundary acc. (w=5)" in printed
+    scores = json.loads(out.read_text())
+    assert scores["images"] == 3 and scores["miou"] > 0.8 and scores["scales"] == [0.75, 1.0] and scores["flip"]
+    pngs = sorted((tmp_path / "png").glob("*.png"))
+    assert [p.stem for p in pngs] == ["2008_000000", "2008_000001", "2008_000002"]
+    im = Image.open(pngs[0])
+    label = np.asarray(Image.open(devkit / "VOC2012/SegmentationClass/2008_000000.png"))
+    assert im.mode == "P" and im.size == (label.shape[1], label.shape[0])
+    assert np.array_equal(np.asarray(im.getpalette(), dtype=np.uint8).reshape(-1, 3), voc_palette())
+    pred = np.asarray(im)
+    assert np.mean(pred[label != 255] == label[label != 255]) > 0.9
+
+    # a checkpoint of another kind is refused with its name
+    bad = tmp_path / "other.pth"
+    torch.save({"state_dict": {"w": torch.zeros(1)}, "format": "lkm-weights-v1"}, bad)
+    assert evaluate.main(["--checkpoint", str(bad)]) == 2
+    assert "other.pth is not a checkpoint of segmentation.finetune" in capsys.readouterr().err
+
+
+def test_window_fusion_and_multiscale_prediction() -> None:
+    torch.manual_seed(0)
+    pointwise = torch.nn.Conv2d(3, 4, 1)  # no context: window fusion must equal whole-image inference
+    x = torch.randn(1, 3, 37, 90)
+    whole = pointwise(x)
+    with torch.no_grad():
+        for window, overlap in ((32, 0.5), (40, 0.0), (16, 0.66)):
+            assert torch.allclose(evaluate.window_logits(pointwise, x, window, overlap), whole, atol=1e-6)
+        assert evaluate._starts(2048, 1024, int(1024 * (1 - 0.66))) == [0, 341, 683, 1024]
+        probs = evaluate.predict(pointwise, x, scales=(1.0,), flip=True)
+        assert torch.allclose(probs, 2 * whole.softmax(1), atol=1e-5)  # flip of a pointwise map is itself
+        ms = evaluate.predict(pointwise, x, scales=(0.5, 1.0, 1.5))
+        assert ms.shape == (1, 4, 37, 90) and torch.allclose(ms.sum(1), torch.full((1, 37, 90), 3.0), atol=1e-4)
+
+
+# --- resume after interruption ---------------------------------------------------------------------------
+@pytest.mark.slow
+def test_interrupted_run_resumes_to_identical_weights(devkit: Path, tmp_path: Path,
+                                                      caplog: pytest.LogCaptureFixture) -> None:
+    short = ("train.iterations=8", "eval.every=0", "run.checkpoint_every=3", "data.batch_size=2")
+    # 3 iterations per epoch: the interruption falls mid-epoch. Straight run: by path, with the CLI flags.
+    straight = tmp_path / "straight"
+    proc = subprocess.run([sys.executable, "segmentation/finetune.py", "--config", str(TINY), "--backbone",
+                           "resnet10t", "--head", "gcn_br", f"data.root={devkit}", f"run.dir={straight}", *short],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "finished:" in proc.stderr
+
+    run_dir = tmp_path / "interrupted"
+    cfg = tiny(devkit, run_dir, *short)
+    assert run(cfg, preempt=SignalAfter(4)) == "preempted"
+    meta = ckpt.peek_checkpoint(ckpt.latest_checkpoint(run_dir))
+    assert meta["step"] == 5 and meta["epoch"] == 1 and meta["step_in_epoch"] == 2
+    assert not (run_dir / "final.pth").exists()
+    with caplog.at_level("INFO"):  # resumed with a loader worker: augmentation does not depend on it
+        assert run(tiny(devkit, run_dir, *short, "data.num_workers=1")) == "finished"
+    assert "resumed from checkpoint" in caplog.text and "at iteration 5/8 (epoch 1)" in caplog.text
+    a = torch.load(straight / "final.pth", weights_only=True)
+    b = torch.load(run_dir / "final.pth", weights_only=True)
+    assert [k for k in a["state_dict"] if not torch.equal(a["state_dict"][k], b["state_dict"][k])] == []
+    assert a["val"]["miou"] == b["val"]["miou"]
+    assert run(cfg) == "done before"
+
+
+# --- stages and bad input ---------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_next_stage_starts_from_previous_final(overfit: Path, devkit: Path, tmp_path: Path) -> None:
+    cfg = tiny(devkit, tmp_path / "stage2", f"model.init_from={overfit / 'final.pth'}")
+    model = build_model(cfg)
+    final = torch.load(overfit / "final.pth", weights_only=True)["state_dict"]
+    assert all(torch.equal(v, final[k]) for k, v in model.state_dict().items())
+    with pytest.raises(WeightsMismatchError, match=r"final\.pth does not fit"):
+        build_model(tiny(devkit, tmp_path / "s", f"model.init_from={overfit / 'final.pth'}", "model.head=baseline"))
+
+
+def test_bad_inputs_are_refused_before_training(devkit: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(ConfigError, match=r"unknown config key 'data.crop'. Did you mean 'data.crop_size'"):
+        tiny(devkit, tmp_path / "r", "data.crop=32")
+    assert main(["--config", str(TINY), f"run.dir={tmp_path / 'r'}", "data.root=" + str(tmp_path / "none")]) == 2
+    assert "no PASCAL VOC 2012 under" in capsys.readouterr().err
+    assert main(["--config", str(TINY), "--backbone", "resnet5O", f"data.root={devkit}"]) == 2
+    assert "unknown backbone 'resnet5O'" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match=r"model.kernel_size=6: .*odd kernel size"):
+        plan_run(tiny(devkit, tmp_path / "r", "model.kernel_size=6"))
+    with pytest.raises(ConfigError, match=r"model.pretrained: .*missing\.pth does not exist"):
+        plan_run(tiny(devkit, tmp_path / "r", f"model.pretrained={tmp_path / 'missing.pth'}"))
+
+    # a run directory holding another network's checkpoint: refused, nothing touched
+    other = tmp_path / "other"
+    other.mkdir()
+    ckpt.save_checkpoint({"format": "lkm-seg-train-v1", "dataset": "voc", "backbone": "resnet18", "head": "gcn_br",
+                          "num_classes": 21, "kernel_size": 7}, other, 3)
+    before = {p.name: p.read_bytes() for p in other.iterdir()}
+    assert main(["--config", str(TINY), f"data.root={devkit}", f"run.dir={other}"]) == 2
+    assert "backbone='resnet18'" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in other.iterdir()} == before
+    assert not (tmp_path / "r").exists()
+
+
+def test_module_entry_point_and_configs_load() -> None:
+    out = subprocess.run([sys.executable, "-m", "segmentation.finetune", "--help"], cwd=ROOT, capture_output=True,
+                         text=True, env={**os.environ, "COLUMNS": "120"}, check=True).stdout
+    assert "--backbone" in out and "optim.head_lr_mult = 1.0" in out and "key=value" in out
+    for path in sorted((ROOT / "configs/segmentation").glob("*.yaml")):
+        cfg = load_config(FinetuneConfig, path)
+        assert cfg.train.iterations > 0, path
+
+
+def _job_state(job: str) -> str:
+    out = subprocess.run(["scontrol", "show", "job", job], capture_output=True, text=True).stdout
+    m = re.search(r"JobState=(\S+)", out)
+    return m.group(1) if m else "UNKNOWN"
+
+
+# --- DDP: two tasks through the sbatch script on the local SLURM cluster ------------------------------------
+@pytest.mark.slow
+@pytest.mark.slurm
+def test_sbatch_two_tasks(slurm_cluster: dict, devkit: Path, tmp_path: Path) -> None:
+    if shutil.which("sbatch") is None:
+        pytest.skip("sbatch not on PATH")
+    run_dir = tmp_path / "run"
+    env = {**os.environ, **slurm_cluster}
+    job = subprocess.run(
+        ["sbatch", "--parsable", "--nodes=1", "--ntasks-per-node=2", "--gpus-per-node=0", "--cpus-per-task=1",
+         "--time=30", f"--output={tmp_path}/%x-%j.out", "slurm/segmentation_finetune.sh", str(TINY),
+         f"data.root={devkit}", f"run.dir={run_dir}", "train.iterations=4", "eval.every=0",
+         "data.batch_size=2"], cwd=ROOT, env=env, capture_output=True, text=True, check=True).stdout.strip()
+    job = job.split(";")[0]
+    try:  # poll every second (sbatch --wait backs off to long sleeps)
+        deadline = time.monotonic() + 420
+        while (state := _job_state(job)) not in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL"):
+            assert time.monotonic() < deadline, f"job {job} still {state} after 420 s"
+            time.sleep(1)
+    finally:
+        subprocess.run(["scancel", job], capture_output=True)
+    logs = "".join(p.read_text() for p in tmp_path.glob("lkm-finetune-*.out"))
+    assert state == "COMPLETED", logs[-3000:]
+    assert "[rank 0]" in logs and "[rank 1]" in logs and "gloo" in logs and "val mIoU" in logs
+    final = torch.load(run_dir / "final.pth", weights_only=True)
+    assert final["val"]["images"] == 3  # the 3 val images, sharded over both ranks and summed
+    assert "global batch 4 (2 processes)" in logs
