@@ -39,12 +39,12 @@ from backbone.common.config import (
     ConfigError,
     argument_parser,
     describe_keys,
-    dump_config,
     load_config,
     to_dict,
 )
-from backbone.common.logs import MetricsWriter, Progress, setup_logging
+from backbone.common.logs import MetricsWriter, Progress
 from backbone.common.preemption import PreemptionFlag
+from backbone.common.runner import run_stage
 
 log = logging.getLogger("backbone.train")
 
@@ -521,47 +521,10 @@ class Trainer:
 # ---------------------------------------------------------------------------------------------
 # Entry points
 # ---------------------------------------------------------------------------------------------
-def set_deterministic(on: bool) -> None:
-    torch.backends.cudnn.benchmark = not on
-    torch.use_deterministic_algorithms(on, warn_only=False)
-
-
 def run(cfg: PretrainConfig, preempt: PreemptionFlag | None = None) -> str:
     """Train (or resume) the run described by ``cfg``; returns 'finished', 'preempted' or 'done before'."""
-    env = distrib.detect_env()
-    run_dir = Path(cfg.run.dir)
-    setup_logging(env.rank)
     plan = plan_run(cfg)  # every rank checks; errors before any loader/worker exists
-    if plan.already_finished:
-        log.info("%s already holds final.pth: nothing to do", run_dir)
-        return "done before"
-    if env.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        setup_logging(env.rank, log_file=run_dir / "train.log")
-        # the first start writes config.yaml; each resume adds its own copy, nothing is replaced
-        name = "config.yaml" if plan.resume_from is None else f"config.resume_{int(time.time())}.yaml"
-        if not (run_dir / name).exists():
-            dump_config(cfg, run_dir / name)
-    log.info("process %d/%d (local %d) via %s", env.rank, env.world_size, env.local_rank, env.source)
-    was_deterministic = torch.are_deterministic_algorithms_enabled()
-    set_deterministic(cfg.train.deterministic)
-    device = distrib.select_device(env, cfg.train.device)
-    own_flag = preempt is None
-    preempt = PreemptionFlag().install() if preempt is None else preempt
-    distrib.init(env, device)
-    try:
-        trainer = Trainer(cfg, plan, env, device, preempt)
-        status = trainer.fit()
-        if status == "finished" and env.is_main:
-            path = trainer.write_final()
-            log.info("finished: %s", path)
-        distrib.barrier()
-        return status
-    finally:
-        distrib.teardown()
-        set_deterministic(was_deterministic)  # in-process callers (tests, notebooks) get theirs back
-        if own_flag:
-            preempt.uninstall()
+    return run_stage(cfg, plan, lambda env, device, flag: Trainer(cfg, plan, env, device, flag), preempt)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -42,9 +42,10 @@ from torch import nn
 
 from backbone.common import checkpoint as ckpt
 from backbone.common import distributed as distrib
-from backbone.common.config import ConfigError, argument_parser, describe_keys, dump_config, load_config, to_dict
-from backbone.common.logs import MetricsWriter, Progress, setup_logging
+from backbone.common.config import ConfigError, argument_parser, describe_keys, load_config, to_dict
+from backbone.common.logs import MetricsWriter, Progress
 from backbone.common.preemption import PreemptionFlag
+from backbone.common.runner import run_stage
 from backbone.weights import WeightsMismatchError, load_weights
 from segmentation.datasets import (
     DATASETS,
@@ -464,44 +465,10 @@ class Finetuner:
 # ---------------------------------------------------------------------------------------------
 # Entry points
 # ---------------------------------------------------------------------------------------------
-def set_deterministic(on: bool) -> None:
-    torch.backends.cudnn.benchmark = not on
-    torch.use_deterministic_algorithms(on, warn_only=False)
-
-
 def run(cfg: FinetuneConfig, preempt: PreemptionFlag | None = None) -> str:
     """Fine-tune (or resume) the run of ``cfg``; returns 'finished', 'preempted' or 'done before'."""
-    env = distrib.detect_env()
-    run_dir = Path(cfg.run.dir)
-    setup_logging(env.rank)
     plan = plan_run(cfg)  # every rank checks; errors before any worker exists
-    if plan.already_finished:
-        log.info("%s already holds final.pth: nothing to do", run_dir)
-        return "done before"
-    if env.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        setup_logging(env.rank, log_file=run_dir / "train.log")
-        name = "config.yaml" if plan.resume_from is None else f"config.resume_{int(time.time())}.yaml"
-        if not (run_dir / name).exists():
-            dump_config(cfg, run_dir / name)
-    was_deterministic = torch.are_deterministic_algorithms_enabled()
-    set_deterministic(cfg.train.deterministic)
-    device = distrib.select_device(env, cfg.train.device)
-    own_flag = preempt is None
-    preempt = PreemptionFlag().install() if preempt is None else preempt
-    distrib.init(env, device)
-    try:
-        trainer = Finetuner(cfg, plan, env, device, preempt)
-        status = trainer.fit()
-        if status == "finished" and env.is_main:
-            log.info("finished: %s", trainer.write_final())
-        distrib.barrier()
-        return status
-    finally:
-        distrib.teardown()
-        set_deterministic(was_deterministic)
-        if own_flag:
-            preempt.uninstall()
+    return run_stage(cfg, plan, lambda env, device, flag: Finetuner(cfg, plan, env, device, flag), preempt)
 
 
 def parse_args(argv: Sequence[str] | None = None) -> tuple[Path | None, list[str]]:
