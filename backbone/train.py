@@ -44,7 +44,7 @@ from backbone.common.config import (
 )
 from backbone.common.logs import MetricsWriter, Progress
 from backbone.common.preemption import PreemptionFlag
-from backbone.common.runner import run_stage
+from backbone.common.runner import NonFiniteLossError, run_stage
 
 log = logging.getLogger("backbone.train")
 
@@ -270,10 +270,6 @@ def expected_identity(cfg: PretrainConfig, num_classes: int) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------
 # The trainer
 # ---------------------------------------------------------------------------------------------
-class NonFiniteLossError(RuntimeError):
-    pass
-
-
 class Trainer:
     def __init__(self, cfg: PretrainConfig, plan: RunPlan, env: distrib.DistEnv, device: torch.device,
                  preempt: PreemptionFlag):

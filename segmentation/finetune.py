@@ -45,7 +45,7 @@ from backbone.common import distributed as distrib
 from backbone.common.config import ConfigError, argument_parser, describe_keys, load_config, to_dict
 from backbone.common.logs import MetricsWriter, Progress
 from backbone.common.preemption import PreemptionFlag
-from backbone.common.runner import run_stage
+from backbone.common.runner import NonFiniteLossError, run_stage
 from backbone.weights import WeightsMismatchError, load_weights
 from segmentation.datasets import (
     DATASETS,
@@ -273,10 +273,6 @@ def build_model(cfg: FinetuneConfig) -> nn.Module:
 # ---------------------------------------------------------------------------------------------
 # The trainer
 # ---------------------------------------------------------------------------------------------
-class NonFiniteLossError(RuntimeError):
-    pass
-
-
 class Finetuner:
     def __init__(self, cfg: FinetuneConfig, plan: RunPlan, env: distrib.DistEnv, device: torch.device,
                  preempt: PreemptionFlag):

@@ -24,6 +24,10 @@ from .preemption import PreemptionFlag
 log = logging.getLogger("backbone.common.runner")
 
 
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN/inf: the run stops, and its last good checkpoint stays the latest."""
+
+
 class RunPlan(Protocol):
     already_finished: bool
     resume_from: Path | None
