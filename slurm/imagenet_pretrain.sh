@@ -34,23 +34,10 @@ CONFIG=${1:-configs/pretrain/resnet50_gcn_88_epochs.yaml}
 [ $# -gt 0 ] && shift
 PYTHON=${PYTHON:-python}
 
-if [ -z "${SLURM_JOB_ID:-}" ]; then
-  echo "error: submit this script with sbatch (e.g. sbatch $0 $CONFIG), or run python -m backbone.train directly" >&2
-  exit 2
-fi
-if [ ! -f "$CONFIG" ]; then
-  echo "error: config $CONFIG not found (run sbatch from the repository root, or give an absolute path)" >&2
-  exit 2
-fi
-
-# Every task derives the same rendezvous from SLURM's variables (backbone/common/distributed.py);
-# the port is fixed here once so that all nodes agree.
-export MASTER_PORT=${MASTER_PORT:-$((20000 + SLURM_JOB_ID % 40000))}
-export OMP_NUM_THREADS=${SLURM_CPUS_PER_TASK:-1}
-
-echo "[$(date '+%F %T')] job ${SLURM_JOB_ID} (restart ${SLURM_RESTART_COUNT:-0}) on ${SLURM_JOB_NODELIST}:" \
-     "${SLURM_NTASKS} tasks, ${SLURM_CPUS_PER_TASK:-1} CPUs each; config ${CONFIG} $*"
-
-# data.num_workers follows --cpus-per-task; later key=value arguments still win.
-srun --kill-on-bad-exit=1 "$PYTHON" -m backbone.train --config "$CONFIG" \
+[ -f "${SLURM_SUBMIT_DIR:-.}/slurm/launch.sh" ] || {
+  echo "error: submit from the repository root (no slurm/launch.sh in ${SLURM_SUBMIT_DIR:-.})" >&2; exit 2; }
+# shellcheck source=slurm/launch.sh
+source "${SLURM_SUBMIT_DIR:-.}/slurm/launch.sh"
+# data.num_workers (ffcv decoding threads) follows --cpus-per-task; later key=value arguments still win.
+lkm_launch "$CONFIG" "python -m backbone.train" -- "$PYTHON" -m backbone.train -- \
   "data.num_workers=${SLURM_CPUS_PER_TASK:-1}" "$@"

@@ -35,22 +35,11 @@ CONFIG=${1:-configs/segmentation/voc_stage2.yaml}
 [ $# -gt 0 ] && shift
 PYTHON=${PYTHON:-python}
 
-if [ -z "${SLURM_JOB_ID:-}" ]; then
-  echo "error: submit this script with sbatch (e.g. sbatch $0 $CONFIG), or run python segmentation/finetune.py directly" >&2
-  exit 2
-fi
-if [ ! -f "$CONFIG" ]; then
-  echo "error: config $CONFIG not found (run sbatch from the repository root, or give an absolute path)" >&2
-  exit 2
-fi
-
-export MASTER_PORT=${MASTER_PORT:-$((20000 + SLURM_JOB_ID % 40000))}
-export OMP_NUM_THREADS=${SLURM_CPUS_PER_TASK:-1}
-
-echo "[$(date '+%F %T')] job ${SLURM_JOB_ID} (restart ${SLURM_RESTART_COUNT:-0}) on ${SLURM_JOB_NODELIST}:" \
-     "${SLURM_NTASKS} tasks, ${SLURM_CPUS_PER_TASK:-1} CPUs each; config ${CONFIG} $*"
-
+[ -f "${SLURM_SUBMIT_DIR:-.}/slurm/launch.sh" ] || {
+  echo "error: submit from the repository root (no slurm/launch.sh in ${SLURM_SUBMIT_DIR:-.})" >&2; exit 2; }
+# shellcheck source=slurm/launch.sh
+source "${SLURM_SUBMIT_DIR:-.}/slurm/launch.sh"
 # DataLoader workers: all but one of the task's CPUs; later key=value arguments still win.
 WORKERS=$(( ${SLURM_CPUS_PER_TASK:-1} > 1 ? ${SLURM_CPUS_PER_TASK:-1} - 1 : 0 ))
-srun --kill-on-bad-exit=1 "$PYTHON" segmentation/finetune.py --config "$CONFIG" \
+lkm_launch "$CONFIG" "python segmentation/finetune.py" -- "$PYTHON" segmentation/finetune.py -- \
   "data.num_workers=${WORKERS}" "$@"
