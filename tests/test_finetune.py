@@ -16,11 +16,11 @@ import pytest
 import torch
 from PIL import Image
 from seg_fixtures import make_voc
+from signal_after import SignalAfter
 
 from backbone.common import checkpoint as ckpt
 from backbone.common.config import ConfigError, load_config
 from backbone.common.logs import read_metrics
-from backbone.common.preemption import PreemptionFlag
 from backbone.weights import WeightsMismatchError
 from segmentation import evaluate
 from segmentation.datasets import voc_palette
@@ -39,20 +39,6 @@ from segmentation.network import build_segmentation_model
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs/segmentation/tiny_cpu.yaml"
-
-
-class SignalAfter(PreemptionFlag):
-    """As if SIGUSR1 arrived after ``n`` step boundaries (real signals: tests/test_config.py, test_slurm.py)."""
-
-    def __init__(self, n: int):
-        super().__init__()
-        self.n = n
-
-    def __bool__(self) -> bool:
-        self.n -= 1
-        if self.n < 0 and self.signum is None:
-            self.set()
-        return self.signum is not None
 
 
 def tiny(devkit: Path, run_dir: Path, *extra: str) -> FinetuneConfig:

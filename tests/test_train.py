@@ -9,12 +9,12 @@ from pathlib import Path
 import pytest
 import timm
 import torch
+from signal_after import SignalAfter
 
 import backbone
 from backbone.common import checkpoint as ckpt
 from backbone.common.config import ConfigError, load_config
 from backbone.common.logs import read_metrics
-from backbone.common.preemption import PreemptionFlag
 from backbone.train import (
     NonFiniteLossError,
     PretrainConfig,
@@ -33,21 +33,6 @@ TINY = ROOT / "configs/pretrain/tiny_cpu.yaml"
 def tiny(betons: dict[str, Path], run_dir: Path, *extra: str) -> PretrainConfig:
     return load_config(PretrainConfig, TINY, [f"data.train={betons['train']}", f"data.val={betons['val']}",
                                               f"run.dir={run_dir}", "train.epochs=2", *extra])
-
-
-class SignalAfter(PreemptionFlag):
-    """Behaves as if SIGUSR1 arrived after ``n`` step boundaries (the handler itself is tested in
-    test_config.py and, with real signals, in test_slurm.py)."""
-
-    def __init__(self, n: int):
-        super().__init__()
-        self.n = n
-
-    def __bool__(self) -> bool:
-        self.n -= 1
-        if self.n < 0 and self.signum is None:
-            self.set()
-        return self.signum is not None
 
 
 # --- recipe ---------------------------------------------------------------------------------------
