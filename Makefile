@@ -1,5 +1,5 @@
 # One-command set-up on a fresh Debian machine (root or sudo for the system packages).
-#   make demo   set up, then run the main job on the embedded data
+#   make demo   set up, then run the main job on the embedded data (Table 6 at toy scale, ~10 min)
 #   make test   set up, then run the whole test suite
 SHELL := /bin/bash
 PY      ?= python3
@@ -11,7 +11,7 @@ SYS_PKGS := pkg-config libopencv-dev libturbojpeg0-dev slurmctld slurmd slurm-cl
 SUDO    := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 PYTEST_ARGS ?=
 
-.PHONY: setup system-packages demo test lint bench clean
+.PHONY: setup system-packages demo slurm-up slurm-down test lint bench clean
 
 setup: $(STAMP)
 
@@ -32,8 +32,17 @@ $(STAMP): pyproject.toml | system-packages
 	$(VPY) -m pip install -q -e '.[dev]'
 	@touch $(STAMP)
 
+# make demo LAUNCHER=sbatch: the training runs as jobs on a running SLURM cluster (make slurm-up starts
+# the single-node one the tests use).
+LAUNCHER ?= local
 demo: setup
-	$(VPY) -m backbone.report
+	$(VPY) -m segmentation.demo --launcher $(LAUNCHER)
+
+slurm-up:
+	$(SUDO) bash slurm/local/start.sh
+
+slurm-down:
+	$(SUDO) bash slurm/local/stop.sh
 
 test: setup
 	$(VPY) -m ruff check .

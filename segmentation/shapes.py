@@ -218,6 +218,11 @@ def write_imagenet_split(out: Path, split: str, per_class: int, spec: ShapesSpec
         folder.mkdir(parents=True, exist_ok=True)
         image = render_classification(_rng(spec, f"imagenet_{split}", c * 1_000_003 + i), c, spec)
         Image.fromarray(image).save(folder / f"{SHAPES[c]}_{i:05d}.JPEG", quality=92)
+    for name in SHAPES:  # images of an earlier, larger spec would be read as this one's (the folder is scanned)
+        written = {f"{name}_{i:05d}.JPEG" for i in range(per_class)}
+        for stale in (root / name).glob(f"{name}_*.JPEG"):
+            if stale.name not in written:
+                stale.unlink()
     return root
 
 
@@ -245,6 +250,7 @@ def write_shapes(out: str | Path, spec: ShapesSpec = ShapesSpec(), progress: boo
     if manifest_path.exists() and json.loads(manifest_path.read_text()).get("spec") == asdict(spec):
         return manifest  # written before with the same spec: same seed, same pixels
     out.mkdir(parents=True, exist_ok=True)
+    manifest_path.unlink(missing_ok=True)  # a rewrite cut short must not pass for the earlier spec's data set
     write_imagenet_split(out, "train", spec.train_per_class, spec, progress)
     write_imagenet_split(out, "val", spec.val_per_class, spec, progress)
     images, masks = _segmentation_set("voc", spec.voc_train + spec.voc_val, spec, True, progress)
@@ -269,8 +275,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     spec = ShapesSpec(**{k: getattr(args, k) for k in asdict(defaults)})
     if spec.min_size < 32 or spec.max_size < spec.min_size:
         p.error(f"need 32 <= --min-size <= --max-size, got {spec.min_size} and {spec.max_size}")
-    if min(spec.train_per_class, spec.val_per_class, spec.voc_train, spec.voc_val) < 1 or spec.sbd < 6:
-        p.error("every split needs at least one image (and --sbd at least 6)")
+    if spec.seed < 0:
+        p.error(f"--seed must be >= 0, got {spec.seed}")
+    counts = {k: getattr(spec, k) for k in ("train_per_class", "val_per_class", "voc_train", "voc_val", "sbd")}
+    bad = [f"--{k.replace('_', '-')} {v}" for k, v in counts.items() if v < (6 if k == "sbd" else 1)]
+    if bad:
+        p.error(f"every split needs at least one image (and --sbd at least 6), got {', '.join(bad)}")
     setup_logging()
     manifest = write_shapes(args.out, spec)
     print(f"shapes data set (seed {spec.seed}) in {args.out}:")
