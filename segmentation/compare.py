@@ -57,8 +57,10 @@ PAPER_TABLE6 = {
     "miou_baseline": {"resnet50": 65.7, "resnet50_gcn": 71.2},
     "miou_gcn_br": {"resnet50": 72.3, "resnet50_gcn": 72.5},
 }
-# Keys a launcher sets per job or that only change logging: not part of a run's recipe.
-NOT_RECIPE = {"data.num_workers", "run.log_every_s", "run.check_every_steps", "train.device"}
+# Keys a launcher sets per job, that only change logging, or paths that move with the output folder:
+# not part of a run's recipe.
+NOT_RECIPE = {"data.num_workers", "run.log_every_s", "run.check_every_steps", "train.device", "run.dir",
+              "model.pretrained"}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -120,10 +122,16 @@ class CompareConfig:
     launch: LaunchConfig = field(default_factory=LaunchConfig)
 
     def validate(self) -> None:
+        from backbone.train import check_model_name
         from segmentation.heads import HEADS
 
         if not self.backbones or not self.heads:
             raise ConfigError("backbones and heads must each name at least one entry")
+        for b in self.backbones:
+            try:
+                check_model_name(b)
+            except ConfigError as e:
+                raise ConfigError(f"backbones: {e}") from e
         bad = [h for h in self.heads if h not in HEADS]
         if bad:
             raise ConfigError(f"heads: {bad} are not heads; choose from {', '.join(HEADS)}")

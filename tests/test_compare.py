@@ -89,7 +89,7 @@ def test_local_run_writes_table_json_chart_and_figures(table: dict) -> None:
     assert "ImageNet cls top-5 error" in md and "Seg. score, GCN + BR" in md
     gcn_row = next(line for line in md.splitlines() if line.startswith("| Seg. score, GCN + BR"))
     ours = record["segmentation"]["resnet10t+gcn_br"]["miou"]
-    assert f"| {ours:.1f} | |" in gcn_row and f"| {PAPER_TABLE6['miou_gcn_br']['resnet50_gcn']} |" in gcn_row
+    assert f"| {ours:.1f} |  |" in gcn_row and f"| {PAPER_TABLE6['miou_gcn_br']['resnet50_gcn']} |" in gcn_row
     for key in ("chart", f"figure6_{BACKBONES[0]}", f"figure6_{BACKBONES[1]}", "figure3"):
         with Image.open(record["files"][key]) as im:
             assert im.size[0] > 200 and im.size[1] > 100, key
@@ -153,7 +153,7 @@ def test_dry_run_shows_commands_and_sbatch_dependencies(shapes_data: dict[str, P
 
 @pytest.mark.parametrize("override, message", [
     ("heads=[baseline, gcnbr]", "are not heads"),
-    ("evaluate.flipp=true", "Did you mean 'flip'"),
+    ("evaluate.flipp=true", "Did you mean 'evaluate.flip'"),
     ("finetune.config=configs/segmentation/nope.yaml", "does not exist"),
     ("backbones=[resnet5O]", "unknown model 'resnet5O'"),
 ])

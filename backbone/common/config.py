@@ -121,10 +121,22 @@ def _leaf_paths(cls: type, prefix: str = "") -> list[str]:
     return paths
 
 
+def _section_paths(cls: type, prefix: str = "") -> list[str]:
+    paths = []
+    for key, tp in _hints(cls).items():
+        if _is_section(tp):
+            paths += [f"{prefix}{key}", *_section_paths(tp, f"{prefix}{key}.")]
+    return paths
+
+
 def _resolve_path(cls: type, dotted: str) -> str:
-    """Expand a dotted key, allowing the section to be omitted when the key name is unique."""
+    """Expand a dotted key, allowing the section to be omitted when the key name is unique.
+
+    A whole section may be given too (``launch.pretrain={nodes: 1, gpus_per_node: 0}``): its keys
+    are checked like the file's.
+    """
     leaves = _leaf_paths(cls)
-    if dotted in leaves:
+    if dotted in leaves or dotted in _section_paths(cls):
         return dotted
     matches = [p for p in leaves if p.endswith("." + dotted)]
     if len(matches) == 1:
