@@ -358,16 +358,21 @@ def submit_sbatch(cfg: CompareConfig, runs: Sequence[Run], collect_argv: Sequenc
     return ids
 
 
-def wait_for_jobs(ids: dict[str, str], poll_s: float = 5.0) -> None:
-    """Until none of the jobs is queued any more, with a line whenever the set of queued jobs changes."""
+def wait_for_jobs(ids: dict[str, str], logs: Path, poll_s: float = 5.0) -> None:
+    """Until none of the jobs is queued any more, with a line whenever a job starts or ends."""
     shown = None
     while True:
-        queued = [j for j in ids.values() if _queued(j)]
-        if not queued:
+        out = subprocess.run(["squeue", "-h", "-j", ",".join(ids.values()), "-o", "%i %T %j"], capture_output=True,
+                             text=True).stdout.split("\n")
+        jobs = [line.split() for line in out if len(line.split()) == 3]
+        if not jobs:
             return
-        if queued != shown:
-            print(f"waiting for SLURM jobs {', '.join(queued)} (squeue -j {','.join(queued)})", flush=True)
-            shown = queued
+        running = [f"{j} ({name}, log {logs / f'{name}-{j}.out'})" for j, state, name in jobs if state == "RUNNING"]
+        state = (tuple(running), len(jobs))
+        if state != shown:
+            print(f"[{time.strftime('%H:%M:%S')}] {len(jobs)} SLURM job(s) left; running: "
+                  f"{'; '.join(running) or 'none yet'}", flush=True)
+            shown = state
         time.sleep(poll_s)
 
 
@@ -592,7 +597,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                       "ends; or run again with --collect at any time")
                 return 0
             started = time.time()
-            wait_for_jobs(ids)
+            wait_for_jobs(ids, Path(cfg.output).resolve() / "logs")
             table = Path(cfg.output).resolve() / "table6.md"
             if not table.exists() or table.stat().st_mtime < started:
                 raise StageFailed(f"the jobs ended without a new table; see the logs in "

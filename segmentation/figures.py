@@ -20,7 +20,10 @@ OURS, PAPER = "#3b6ea8", "#c9d7e8"
 
 
 def _pyplot():
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError as e:
+        raise ImportError("the figures need matplotlib: pip install -e '.[extras]' (make setup installs it)") from e
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
