@@ -28,6 +28,7 @@ backbone's pretraining has finished), then a collect job (``--collect``) after a
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -386,6 +387,8 @@ def eval_json(run: Run, ev: EvaluateConfig, split: str) -> Path:
 
 def evaluate_runs(runs: Sequence[Run], ev: EvaluateConfig) -> dict[str, Path]:
     """Evaluate every finished fine-tune without a (newer) score file; {run dir: JSON}."""
+    from segmentation.evaluate import main as evaluate_main
+
     done = {}
     for run in runs:
         if run.kind != "finetune" or not run.finished:
@@ -394,12 +397,16 @@ def evaluate_runs(runs: Sequence[Run], ev: EvaluateConfig) -> dict[str, Path]:
         out = eval_json(run, ev, split)
         if not out.exists() or out.stat().st_mtime < run.final.stat().st_mtime:
             print(f"evaluate {run.backbone} + {run.head} -> {out}", flush=True)
-            argv = [sys.executable, "-m", "segmentation.evaluate", "--checkpoint", str(run.final), "--out", str(out),
-                    "--save-png", str(run.dir / "predictions"), "--boundary-width", str(ev.boundary_width),
-                    "--max-images", str(ev.max_images), *(["--ms"] if ev.ms else []), *(["--flip"] if ev.flip else [])]
-            proc = subprocess.run(argv, capture_output=True, text=True)
-            if proc.returncode != 0:
-                raise StageFailed(f"evaluating {run.final} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
+            argv = ["--checkpoint", str(run.final), "--out", str(out), "--save-png", str(run.dir / "predictions"),
+                    "--boundary-width", str(ev.boundary_width), "--max-images", str(ev.max_images),
+                    *(["--ms"] if ev.ms else []), *(["--flip"] if ev.flip else [])]
+            # in this process (no second start-up of torch and timm per run); the per-class table goes to a log
+            report = out.with_suffix(".txt")
+            with report.open("w") as f, contextlib.redirect_stdout(f):
+                rc = evaluate_main(argv)
+            if rc != 0:
+                raise StageFailed(f"evaluating {run.final} failed (exit {rc}); the error is above, the report in "
+                                  f"{report}")
         done[str(run.dir)] = out
     return done
 
