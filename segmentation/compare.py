@@ -344,7 +344,7 @@ def submit_sbatch(cfg: CompareConfig, runs: Sequence[Run], collect_argv: Sequenc
         ids[key] = "<dry-run>" if dry_run else _sbatch(args)
         print(f"{run.name}: job {ids[key]}" + (f" (after {', '.join(deps)})" if deps else "")
               + (f"\n  sbatch {shlex.join(args)}" if dry_run else ""))
-    deps = [v for v in ids.values()]
+    deps = list(ids.values())
     wrap = f"cd {shlex.quote(str(Path.cwd()))} && {shlex.join([sys.executable, *collect_argv])}"
     args = ["--job-name=lkm-collect", f"--output={logs}/%x-%j.out", *_resources(cfg.launch.collect, cfg.launch),
             *([f"--dependency=afterok:{':'.join(deps)}"] if deps else []), f"--wrap={wrap}"]

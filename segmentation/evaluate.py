@@ -42,7 +42,7 @@ from segmentation.metrics import SegmentationMetrics, format_table
 from segmentation.network import build_segmentation_model
 from segmentation.transforms import eval_transform
 
-__all__ = ["MS_SCALES", "window_logits", "predict", "evaluate_dataset", "load_model", "main"]
+__all__ = ["MS_SCALES", "window_logits", "predict", "evaluate_dataset", "load_model", "parse_scales", "main"]
 
 log = logging.getLogger("segmentation.evaluate")
 
@@ -171,7 +171,8 @@ def load_model(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
     return model, meta
 
 
-def _parse_scales(text: str) -> tuple[float, ...]:
+def parse_scales(text: str) -> tuple[float, ...]:
+    """argparse type of a comma-separated list of positive scales (``--scales 0.75,1,1.25``)."""
     try:
         scales = tuple(float(s) for s in text.split(",") if s.strip())
     except ValueError:
@@ -191,7 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--root", default=None, help="data set folder (default: the run's data.root)")
     p.add_argument("--sbd-root", default=None, help="SBD benchmark_RELEASE folder (default: the run's)")
     p.add_argument("--ms", action="store_true", help=f"multi-scale inference over {MS_SCALES}")
-    p.add_argument("--scales", type=_parse_scales, default=None, help="explicit scales, e.g. 0.75,1,1.25")
+    p.add_argument("--scales", type=parse_scales, default=None, help="explicit scales, e.g. 0.75,1,1.25")
     p.add_argument("--flip", action="store_true", help="add horizontally mirrored inputs")
     p.add_argument("--window", type=int, default=None,
                    help="sliding-window crop size in pixels (0 = whole image; default: the run's eval.window)")

@@ -64,6 +64,7 @@ if __name__ == "__main__" and not __package__:  # run as a file: the repository,
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 from segmentation.datasets import IGNORE_INDEX, DatasetError, SegmentationDataset, build_samples, dataset_info
+from segmentation.evaluate import parse_scales
 from segmentation.transforms import MEAN, STD, eval_transform
 
 __all__ = [
@@ -547,16 +548,6 @@ class UsageError(ValueError):
     """Bad command-line input (exit code 2)."""
 
 
-def _parse_scales(text: str) -> tuple[float, ...]:
-    try:
-        scales = tuple(float(s) for s in text.split(",") if s.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"scales must be comma-separated numbers, e.g. 1,2; got {text!r}") from None
-    if not scales or min(scales) <= 0:
-        raise argparse.ArgumentTypeError(f"scales must be positive numbers, e.g. 1,2; got {text!r}")
-    return scales
-
-
 def _parse_point(text: str) -> Point:
     parts = text.replace(" ", "").split(",")
     try:
@@ -640,7 +631,7 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--point", type=_parse_point, default=None, metavar="ROW,COL",
                    help="location in input pixels for every image (default: the object's centre, else the "
                         "image centre)")
-    o.add_argument("--scales", type=_parse_scales, default=(1.0,), metavar="S1,S2",
+    o.add_argument("--scales", type=parse_scales, default=(1.0,), metavar="S1,S2",
                    help="input scales, e.g. 1,2 (default 1)")
     o.add_argument("--share", type=_parse_share, default=DEFAULT_SHARE,
                    help="share of the gradient mass the VRF holds (0.9)")
