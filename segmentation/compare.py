@@ -161,6 +161,7 @@ class Run:
     config: Path  # the stage's YAML
     overrides: list[str]  # stage overrides, the matrix's keys last (they win)
     after: list[Run] = field(default_factory=list)
+    _stage: Any = field(default=None, init=False, repr=False, compare=False)
 
     @property
     def name(self) -> str:
@@ -180,15 +181,18 @@ class Run:
         return [*entry, "--config", str(self.config), *self.overrides]
 
     def stage_config(self) -> Any:
-        """The resolved config this run trains with (raises ConfigError naming the stage)."""
+        """The resolved config this run trains with (raises ConfigError naming the stage); read once."""
+        if self._stage is not None:
+            return self._stage
         if self.kind == "pretrain":
             from backbone.train import PretrainConfig as cls
         else:
             from segmentation.finetune import FinetuneConfig as cls
         try:
-            return load_config(cls, self.config, self.overrides)
+            self._stage = load_config(cls, self.config, self.overrides)
         except ConfigError as e:
             raise ConfigError(f"{self.name}: {e}") from e
+        return self._stage
 
 
 def _stage_config_path(template: str, backbone: str) -> Path:
