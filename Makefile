@@ -36,7 +36,7 @@ $(STAMP): pyproject.toml | system-packages
 # the single-node one the tests use).
 LAUNCHER ?= local
 demo: setup
-	$(VPY) -m segmentation.demo --launcher $(LAUNCHER)
+	$(VPY) -m experiments.demo --launcher $(LAUNCHER)
 
 slurm-up:
 	$(SUDO) bash slurm/local/start.sh

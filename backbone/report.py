@@ -12,8 +12,7 @@ import sys
 import timm
 
 import backbone  # noqa: F401  (registers resnet50_gcn)
-
-from .complexity import count_params, macs_by_module
+from engine.complexity import count_params, macs_by_module
 
 # Table 11's rows, as module paths of timm's ResNet.
 STAGES = (("conv1", ("conv1", "bn1")), ("res-2", ("layer1",)), ("res-3", ("layer2",)),

@@ -6,7 +6,7 @@
     python -m backbone.submit --debug --config ... ...                     # in this process (pdb works)
 
 Each task runs the same trainer as ``slurm/imagenet_pretrain.sh`` (``backbone.train.run``); the
-SLURM variables are mapped to ranks by ``backbone.common.distributed`` through submitit's
+SLURM variables are mapped to ranks by ``engine.distributed`` through submitit's
 ``TorchDistributedEnvironment``. On the time-limit signal the trainer writes a checkpoint at the
 next step boundary and hands over to submitit, which calls ``PretrainJob.checkpoint`` (resubmit
 the same job) and requeues; the new job resumes from the latest checkpoint in ``run.dir``.
@@ -21,8 +21,8 @@ from pathlib import Path
 
 import submitit
 
-from backbone.common.checkpoint import CheckpointError
-from backbone.common.config import ConfigError, load_config
+from engine.checkpoint import CheckpointError
+from engine.config import ConfigError, load_config
 
 
 class PretrainJob(submitit.helpers.Checkpointable):

@@ -33,18 +33,18 @@ import torch.nn.functional as F
 from torch import nn
 
 import backbone  # noqa: F401  (registers resnet50_gcn with timm)
-from backbone.common import checkpoint as ckpt
-from backbone.common import distributed as distrib
-from backbone.common.config import (
+from engine import checkpoint as ckpt
+from engine import distributed as distrib
+from engine.config import (
     ConfigError,
     argument_parser,
     describe_keys,
     load_config,
     to_dict,
 )
-from backbone.common.logs import MetricsWriter, Progress
-from backbone.common.preemption import PreemptionFlag
-from backbone.common.runner import NonFiniteLossError, run_stage
+from engine.logs import MetricsWriter, Progress
+from engine.preemption import PreemptionFlag
+from engine.runner import NonFiniteLossError, run_stage
 
 log = logging.getLogger("backbone.train")
 

@@ -34,9 +34,9 @@ from torch import nn
 if __name__ == "__main__" and not __package__:  # run as a file: the repository, not this folder, on sys.path
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
-from backbone.common import distributed as distrib
-from backbone.common.logs import Progress, setup_logging
 from backbone.weights import WeightsMismatchError, read_state_dict
+from engine import distributed as distrib
+from engine.logs import Progress, setup_logging
 from segmentation.datasets import DatasetError, SegmentationDataset, build_samples, dataset_info, palette_for
 from segmentation.metrics import SegmentationMetrics, format_table
 from segmentation.network import build_segmentation_model

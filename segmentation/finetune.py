@@ -40,13 +40,13 @@ import timm
 import torch
 from torch import nn
 
-from backbone.common import checkpoint as ckpt
-from backbone.common import distributed as distrib
-from backbone.common.config import ConfigError, argument_parser, describe_keys, load_config, to_dict
-from backbone.common.logs import MetricsWriter, Progress
-from backbone.common.preemption import PreemptionFlag
-from backbone.common.runner import NonFiniteLossError, run_stage
 from backbone.weights import WeightsMismatchError, load_weights
+from engine import checkpoint as ckpt
+from engine import distributed as distrib
+from engine.config import ConfigError, argument_parser, describe_keys, load_config, to_dict
+from engine.logs import MetricsWriter, Progress
+from engine.preemption import PreemptionFlag
+from engine.runner import NonFiniteLossError, run_stage
 from segmentation.datasets import (
     DATASETS,
     IGNORE_INDEX,

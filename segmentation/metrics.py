@@ -111,7 +111,7 @@ class SegmentationMetrics:
 
     def all_reduce(self) -> None:
         """Sum the counts over the ranks of a process group (no-op without one)."""
-        from backbone.common import distributed as distrib
+        from engine import distributed as distrib
 
         distrib.all_reduce_sum(self.confusion)
         distrib.all_reduce_sum(self.band)

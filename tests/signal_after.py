@@ -6,7 +6,7 @@ a run at a chosen step.
 """
 from __future__ import annotations
 
-from backbone.common.preemption import PreemptionFlag
+from engine.preemption import PreemptionFlag
 
 
 class SignalAfter(PreemptionFlag):

@@ -11,9 +11,9 @@ import torch
 from torch import nn
 
 import backbone
-from backbone.complexity import macs_by_module
 from backbone.gcn_block import GCNBlock, bottleneck_macs_per_pixel, gcn_macs_per_pixel, matched_branch_width
 from backbone.weights import WEIGHTS_FORMAT, WeightsMismatchError
+from engine.complexity import macs_by_module
 
 X_SMALL = (2, 3, 64, 64)
 

@@ -1,7 +1,7 @@
 """The Table 6 runner end to end on a tiny shapes data set: plan, local runs, reuse, collect, errors.
 
 One module-scoped comparison (two backbones x two heads, a few steps each) is run through
-``python -m segmentation.compare``; the tests read what it wrote. The SLURM launcher's test
+``python -m experiments.compare``; the tests read what it wrote. The SLURM launcher's test
 (``tests/test_slurm.py``-style, a real local cluster) is at the end.
 """
 from __future__ import annotations
@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from segmentation.compare import PAPER_TABLE6, table_markdown
-from segmentation.shapes import ShapesSpec, write_shapes
+from experiments.compare import PAPER_TABLE6, table_markdown
+from experiments.shapes import ShapesSpec, write_shapes
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_SPEC = ShapesSpec(seed=3, train_per_class=8, val_per_class=3, voc_train=6, voc_val=5, sbd=12,
@@ -27,7 +27,7 @@ HEADS = ["baseline", "gcn_br"]
 
 
 def compare(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "segmentation.compare", *args], cwd=ROOT, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "experiments.compare", *args], cwd=ROOT, capture_output=True,
                           text=True, timeout=timeout)
 
 
@@ -161,7 +161,7 @@ def test_dry_run_shows_commands_and_sbatch_dependencies(shapes_data: dict[str, P
 ])
 def test_bad_config_is_a_clear_error(shapes_data: dict[str, Path], tmp_path: Path, override: str, message: str,
                                     capsys: pytest.CaptureFixture) -> None:
-    from segmentation.compare import main
+    from experiments.compare import main
 
     assert main([*tiny_overrides(shapes_data, tmp_path / "t6"), override]) == 2  # stops before any data is read
     assert message in capsys.readouterr().err
@@ -204,7 +204,7 @@ def test_sbatch_launcher_runs_the_matrix_with_dependencies(slurm_cluster: dict, 
         *[f"launch.{s}={{nodes: 1, tasks_per_node: 1, gpus_per_node: 0, cpus_per_task: 1, time: '00:20:00'}}"
           for s in ("pretrain", "finetune", "collect")]]
     env = {**os.environ, **slurm_cluster}
-    proc = subprocess.run([sys.executable, "-m", "segmentation.compare", "--launcher", "sbatch", "--wait",
+    proc = subprocess.run([sys.executable, "-m", "experiments.compare", "--launcher", "sbatch", "--wait",
                            *overrides], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     jobs = json.loads((out / "jobs.json").read_text())
@@ -217,7 +217,7 @@ def test_sbatch_launcher_runs_the_matrix_with_dependencies(slurm_cluster: dict, 
     assert any(n.startswith("lkm-pretrain-resnet10t-") for n in logs)
     assert any(n.startswith("lkm-collect-") for n in logs)
     # everything finished: a second call submits only the collect job
-    proc = subprocess.run([sys.executable, "-m", "segmentation.compare", "--launcher", "sbatch", *overrides],
+    proc = subprocess.run([sys.executable, "-m", "experiments.compare", "--launcher", "sbatch", *overrides],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and proc.stdout.count("finished before, reused") == 3, proc.stdout + proc.stderr
     collect_id = re.search(r"collect: job (\d+)", proc.stdout).group(1)
@@ -225,7 +225,7 @@ def test_sbatch_launcher_runs_the_matrix_with_dependencies(slurm_cluster: dict, 
 
 
 def test_demo_verdict_compares_every_network_with_chance(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    from segmentation.demo import verdict
+    from experiments.demo import verdict
 
     record = {"chance_miou": 12.0, "segmentation": {"resnet50+baseline": {"miou": 30.0},
                                                     "resnet50+gcn_br": {"miou": 80.0}}}

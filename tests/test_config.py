@@ -11,12 +11,12 @@ import pytest
 import torch
 import yaml
 
-from backbone.common import checkpoint as ckpt
-from backbone.common.config import ConfigError, dump_config, from_dict, load_config, to_dict
-from backbone.common.distributed import detect_env
-from backbone.common.logs import MetricsWriter, read_metrics
-from backbone.common.preemption import PreemptionFlag
 from backbone.train import PretrainConfig
+from engine import checkpoint as ckpt
+from engine.config import ConfigError, dump_config, from_dict, load_config, to_dict
+from engine.distributed import detect_env
+from engine.logs import MetricsWriter, read_metrics
+from engine.preemption import PreemptionFlag
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -90,7 +90,7 @@ def test_a_whole_section_can_be_overridden_and_its_keys_are_checked() -> None:
 
 @pytest.mark.parametrize("name", ["table6.yaml", "demo.yaml"])
 def test_shipped_comparison_configs_load(name: str) -> None:
-    from segmentation.compare import CompareConfig
+    from experiments.compare import CompareConfig
 
     cfg = load_config(CompareConfig, ROOT / "configs" / name)
     assert cfg.backbones == ["resnet50", "resnet50_gcn"] and cfg.heads == ["baseline", "gcn_br"]

@@ -18,10 +18,10 @@ from PIL import Image
 from seg_fixtures import make_voc
 from signal_after import SignalAfter
 
-from backbone.common import checkpoint as ckpt
-from backbone.common.config import ConfigError, load_config
-from backbone.common.logs import read_metrics
 from backbone.weights import WeightsMismatchError
+from engine import checkpoint as ckpt
+from engine.config import ConfigError, load_config
+from engine.logs import read_metrics
 from segmentation import evaluate
 from segmentation.datasets import voc_palette
 from segmentation.finetune import (

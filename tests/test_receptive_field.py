@@ -13,9 +13,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from segmentation.evaluate import SEG_WEIGHTS_FORMAT
-from segmentation.network import build_segmentation_model
-from segmentation.receptive_field import (
+from experiments.receptive_field import (
     compare_receptive_fields,
     default_point,
     load_image_file,
@@ -27,6 +25,8 @@ from segmentation.receptive_field import (
     valid_receptive_field,
     vrf_area,
 )
+from segmentation.evaluate import SEG_WEIGHTS_FORMAT
+from segmentation.network import build_segmentation_model
 from segmentation.writers import write_vocdevkit
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -314,7 +314,7 @@ def test_cli_malformed_arguments_exit_2(capsys):
 
 
 def test_module_runs_from_the_command_line():
-    proc = subprocess.run([sys.executable, "-m", "segmentation.receptive_field", "--help"], cwd=ROOT,
+    proc = subprocess.run([sys.executable, "-m", "experiments.receptive_field", "--help"], cwd=ROOT,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "valid receptive field" in proc.stdout.lower() and "--model resnet50:baseline" in proc.stdout

@@ -1,4 +1,4 @@
-"""The embedded shapes data set (``segmentation.shapes``): determinism, the ImageNet / VOCdevkit / SBD layouts as
+"""The embedded shapes data set (``experiments.shapes``): determinism, the ImageNet / VOCdevkit / SBD layouts as
 the real readers (``backbone.write_beton``, ``segmentation.datasets``) see them, labels that match the drawing,
 the manifest and its no-rewrite rule, and the command line.
 
@@ -20,9 +20,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from segmentation import shapes
+from experiments import shapes
+from experiments.shapes import SHAPES, ShapesSpec, render_classification, render_segmentation, write_shapes
 from segmentation.datasets import IGNORE_INDEX, VOC_CLASSES, SegmentationDataset, build_samples, dataset_info
-from segmentation.shapes import SHAPES, ShapesSpec, render_classification, render_segmentation, write_shapes
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ShapesSpec(seed=0, train_per_class=3, val_per_class=2, voc_train=4, voc_val=3, sbd=6, min_size=40,
@@ -367,7 +367,7 @@ def test_interrupted_rewrite_is_not_taken_for_the_earlier_data_set(tmp_path: Pat
 # ---------------------------------------------------------------------------------------------
 def test_cli_writes_the_data_set_and_prints_where(written: Path, tmp_path: Path) -> None:
     out = tmp_path / "cli"
-    proc = subprocess.run([sys.executable, "-m", "segmentation.shapes", "--out", str(out), *TINY_FLAGS], cwd=ROOT,
+    proc = subprocess.run([sys.executable, "-m", "experiments.shapes", "--out", str(out), *TINY_FLAGS], cwd=ROOT,
                           capture_output=True, text=True, timeout=CHILD_TIMEOUT)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     for path in (out / "imagenet" / "train", out / "imagenet" / "val", out / "VOCdevkit", out / "benchmark_RELEASE"):

@@ -19,7 +19,7 @@ import pytest
 import timm
 import torch
 
-from backbone.common.logs import read_metrics
+from engine.logs import read_metrics
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 ROOT = Path(__file__).resolve().parents[1]

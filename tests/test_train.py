@@ -12,9 +12,6 @@ import torch
 from signal_after import SignalAfter
 
 import backbone
-from backbone.common import checkpoint as ckpt
-from backbone.common.config import ConfigError, load_config
-from backbone.common.logs import read_metrics
 from backbone.train import (
     NonFiniteLossError,
     PretrainConfig,
@@ -25,6 +22,9 @@ from backbone.train import (
     resolution_at,
     run,
 )
+from engine import checkpoint as ckpt
+from engine.config import ConfigError, load_config
+from engine.logs import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs/pretrain/tiny_cpu.yaml"

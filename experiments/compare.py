@@ -1,9 +1,9 @@
 """Table 6 end to end: ResNet50 vs ResNet50-GCN, pretrained, fine-tuned, evaluated, tabled and drawn.
 
-    python -m segmentation.compare --config configs/table6.yaml                    # run what is missing
-    python -m segmentation.compare --config configs/table6.yaml launch.launcher=sbatch --wait
-    python -m segmentation.compare --config configs/table6.yaml --collect          # gather only
-    python -m segmentation.compare --config configs/table6.yaml --dry-run          # show the plan
+    python -m experiments.compare --config configs/table6.yaml                    # run what is missing
+    python -m experiments.compare --config configs/table6.yaml launch.launcher=sbatch --wait
+    python -m experiments.compare --config configs/table6.yaml --collect          # gather only
+    python -m experiments.compare --config configs/table6.yaml --dry-run          # show the plan
 
 The matrix is {backbones} x {heads} (Table 6: resnet50, resnet50_gcn x baseline, gcn_br). Each
 backbone is pretrained once (``backbone.train``), each (backbone, head) pair is fine-tuned from that
@@ -43,12 +43,12 @@ from typing import Any, Literal
 
 import yaml
 
-from backbone.common.checkpoint import CheckpointError
-from backbone.common.config import ConfigError, describe_keys, load_config, to_dict
-from backbone.common.logs import read_metrics, setup_logging
-from segmentation.figures import DISPLAY
+from engine.checkpoint import CheckpointError
+from engine.config import ConfigError, describe_keys, load_config, to_dict
+from engine.logs import read_metrics, setup_logging
+from experiments.figures import DISPLAY
 
-log = logging.getLogger("segmentation.compare")
+log = logging.getLogger("experiments.compare")
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -533,7 +533,7 @@ def collect(cfg: CompareConfig, runs: Sequence[Run]) -> dict[str, Any]:
     """Evaluate what needs it, then write table6.md/.json/.png and the figures; returns the JSON record."""
     import torch
 
-    from segmentation import figures
+    from experiments import figures
 
     threads = torch.get_num_threads()
     out = Path(cfg.output).resolve()
@@ -562,7 +562,7 @@ def collect(cfg: CompareConfig, runs: Sequence[Run]) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m segmentation.compare", formatter_class=argparse.RawDescriptionHelpFormatter,
+        prog="python -m experiments.compare", formatter_class=argparse.RawDescriptionHelpFormatter,
         description=__doc__.split("\n\n")[0] + "\n\n" + "\n\n".join(__doc__.split("\n\n")[1:3]),
         epilog="config keys (section.key=default):\n" + describe_keys(CompareConfig))
     p.add_argument("--config", type=Path, default=None, help="YAML config (configs/table6.yaml, configs/demo.yaml)")
@@ -599,7 +599,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         if not args.collect and cfg.launch.launcher == "sbatch":
             config = [] if args.config is None else ["--config", str(args.config.resolve())]
-            collect_argv = ["-m", "segmentation.compare", *config, "--collect", *overrides]
+            collect_argv = ["-m", "experiments.compare", *config, "--collect", *overrides]
             ids = submit_sbatch(cfg, runs, collect_argv, dry_run=args.dry_run)
             if args.dry_run:
                 return 0

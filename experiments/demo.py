@@ -1,12 +1,12 @@
 """The demo: the paper's Table 6 at toy scale, from nothing to the table and the figures.
 
-    python -m segmentation.demo                      # everything on this machine (make demo)
-    python -m segmentation.demo --launcher sbatch    # the training runs as SLURM jobs (make demo LAUNCHER=sbatch)
+    python -m experiments.demo                      # everything on this machine (make demo)
+    python -m experiments.demo --launcher sbatch    # the training runs as SLURM jobs (make demo LAUNCHER=sbatch)
 
-1. writes the embedded shapes data set (``segmentation.shapes``) under ``--data``: ImageNet folder
+1. writes the embedded shapes data set (``experiments.shapes``) under ``--data``: ImageNet folder
    layout, VOCdevkit and SBD;
 2. writes its ImageNet half to ``train.beton`` / ``val.beton`` (``backbone.write_beton``);
-3. runs the comparison of ``configs/demo.yaml`` (``segmentation.compare``): pretraining of ResNet50
+3. runs the comparison of ``configs/demo.yaml`` (``experiments.compare``): pretraining of ResNet50
    and ResNet50-GCN, four fine-tunes (baseline and GCN + BR heads), evaluation, ``table6.md``,
    the bar chart, Figure 6 and Figure 3;
 4. prints each network's mIoU beside chance (background everywhere) and says whether it learned.
@@ -26,7 +26,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from backbone.common.logs import setup_logging
+from engine.logs import setup_logging
 
 from .compare import ROOT
 from .compare import main as compare_main
@@ -79,7 +79,7 @@ def verdict(output: Path) -> bool:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m segmentation.demo", description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(prog="python -m experiments.demo", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="\n\n".join(__doc__.split("\n\n")[1:]))
     p.add_argument("--launcher", choices=("local", "sbatch"), default="local",
@@ -88,7 +88,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--output", type=Path, default=Path("runs/demo"), help="the comparison's folder")
     p.add_argument("--seed", type=int, default=0, help="seed of the shapes data set")
     p.add_argument("overrides", nargs="*", metavar="key=value",
-                   help="more overrides of configs/demo.yaml (python -m segmentation.compare --help)")
+                   help="more overrides of configs/demo.yaml (python -m experiments.compare --help)")
     args = p.parse_args(argv)
     setup_logging()
     if args.launcher == "sbatch":

@@ -1,6 +1,6 @@
 """Shapes: the embedded procedural data set of the demo, written in the real on-disk layouts.
 
-    python -m segmentation.shapes --out data/shapes [--seed 0] [--train-per-class 300] ...
+    python -m experiments.shapes --out data/shapes [--seed 0] [--train-per-class 300] ...
 
 Images of six shape classes (circle, square, triangle, star, ring, cross) with random size,
 rotation, colour and texture (flat, stripes, checks, noise) on a textured background strewn with
@@ -39,10 +39,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from backbone.common.logs import Progress, setup_logging
-
-from .datasets import IGNORE_INDEX, VOC_CLASSES
-from .writers import write_sbd, write_vocdevkit
+from engine.logs import Progress, setup_logging
+from segmentation.datasets import IGNORE_INDEX, VOC_CLASSES
+from segmentation.writers import write_sbd, write_vocdevkit
 
 __all__ = ["SHAPES", "ShapesSpec", "render_classification", "render_segmentation", "write_shapes", "main"]
 
@@ -266,7 +265,7 @@ def write_shapes(out: str | Path, spec: ShapesSpec = ShapesSpec(), progress: boo
 
 def main(argv: Sequence[str] | None = None) -> int:
     defaults = ShapesSpec()
-    p = argparse.ArgumentParser(prog="python -m segmentation.shapes", description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(prog="python -m experiments.shapes", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--out", type=Path, required=True, help="folder to write (created)")
     for key, value in asdict(defaults).items():

@@ -31,12 +31,12 @@ location moves with it; areas are then pixels of the resized image, and the frac
 Run it::
 
     # a fine-tuned network on the first 4 images of its own validation split
-    python -m segmentation.receptive_field --checkpoint runs/seg/voc_gcn/final.pth
+    python -m experiments.receptive_field --checkpoint runs/seg/voc_gcn/final.pth
     # baseline (1x1 score maps) vs GCN k=15 on the same random backbone, at scales 1 and 2
-    python -m segmentation.receptive_field --model resnet50:baseline --model resnet50:gcn \\
+    python -m experiments.receptive_field --model resnet50:baseline --model resnet50:gcn \\
         --data-root data/VOCdevkit --scales 1,2
     # any picture, a chosen location (row, column in input pixels)
-    python -m segmentation.receptive_field --checkpoint final.pth --image bird.jpg --point 180,250
+    python -m experiments.receptive_field --checkpoint final.pth --image bird.jpg --point 180,250
 
 It writes ``receptive_field.png`` (rows: images; columns: the input, then the heat map of each
 model and scale with its VRF outlined and the location marked) and ``receptive_field.json`` (areas
@@ -84,7 +84,7 @@ __all__ = [
     "main",
 ]
 
-log = logging.getLogger("segmentation.receptive_field")
+log = logging.getLogger("experiments.receptive_field")
 
 CPU = torch.device("cpu")
 DEFAULT_SHARE = 0.9
@@ -603,7 +603,7 @@ def _cli_description() -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m segmentation.receptive_field", allow_abbrev=False,
+        prog="python -m experiments.receptive_field", allow_abbrev=False,
         description=_cli_description(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="Without --data-root or --image, the images are the validation split of the first checkpoint's "
@@ -703,8 +703,8 @@ def _load_images(args: argparse.Namespace, meta: dict[str, Any] | None) -> tuple
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from backbone.common.logs import setup_logging
     from backbone.weights import WeightsMismatchError
+    from engine.logs import setup_logging
 
     args = build_parser().parse_args(argv)
     setup_logging()

@@ -2,7 +2,7 @@
 
 All three are drawn from files the pipeline wrote (the table's JSON record, the evaluator's
 prediction PNGs, the fine-tuned ``final.pth``), so they can be redrawn at any time with
-``python -m segmentation.compare --collect``. matplotlib runs headless (Agg).
+``python -m experiments.compare --collect``. matplotlib runs headless (Agg).
 """
 from __future__ import annotations
 
@@ -85,7 +85,7 @@ def _colour(mask: np.ndarray, palette: np.ndarray) -> np.ndarray:
 def prediction_grid(runs: Sequence[Any], path: Path, n_images: int) -> Path | None:
     """Figure 6 for one backbone: a row per validation image, input | each run's prediction | ground truth.
 
-    ``runs`` are the backbone's finished fine-tunes (``segmentation.compare.Run``) in column order;
+    ``runs`` are the backbone's finished fine-tunes (``experiments.compare.Run``) in column order;
     predictions are the palette PNGs ``segmentation.evaluate --save-png`` wrote into
     ``<run dir>/predictions``. Returns None when no prediction is there yet.
     """
@@ -132,8 +132,8 @@ def receptive_field_figure(runs: Sequence[Any], out_dir: Path, figures_cfg: Any)
     """Figure 3: the valid receptive field of every finished fine-tune, on the same validation images."""
     import torch
 
+    from experiments.receptive_field import load_images_from_split, receptive_field_report
     from segmentation.evaluate import load_model
-    from segmentation.receptive_field import load_images_from_split, receptive_field_report
 
     d = runs[0].stage_config().data
     images = load_images_from_split(d.root, d.val_split, figures_cfg.vrf_images, d.dataset, d.sbd_root or None)

@@ -21,7 +21,7 @@ from .config import dump_config
 from .logs import setup_logging
 from .preemption import PreemptionFlag
 
-log = logging.getLogger("backbone.common.runner")
+log = logging.getLogger("engine.runner")
 
 
 class NonFiniteLossError(RuntimeError):
