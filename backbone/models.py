@@ -16,9 +16,11 @@ res-5      Bottleneck 512 -> 2048, x3          GCN k=7, branch width 128 -> 2048
 """
 from __future__ import annotations
 
+import difflib
 from collections.abc import Mapping
 from pathlib import Path
 
+import timm
 import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
@@ -27,10 +29,18 @@ from timm.models.resnet import Bottleneck, ResNet
 from .gcn_block import gcn_block
 from .weights import WeightsMismatchError, load_weights, mismatch_report
 
-__all__ = ["ResNetGCN", "resnet50_gcn", "GCN_STAGES"]
+__all__ = ["ResNetGCN", "resnet50_gcn", "GCN_STAGES", "check_model_name"]
 
 # (kernel size, branch width) of res-4 and res-5, Table 11.
 GCN_STAGES = ((5, 85), (7, 128))
+
+
+def check_model_name(name: str, what: str = "model") -> None:
+    """Raise ValueError naming ``name``, ``what`` it is and the closest timm names, unless timm knows it."""
+    if not timm.is_model(name):
+        close = difflib.get_close_matches(name, timm.list_models(), n=5)
+        raise ValueError(f"unknown {what} '{name}'. Any timm model works, e.g. resnet50 or resnet50_gcn; close "
+                         f"names: {', '.join(close) or 'none'}")
 
 
 class ResNetGCN(ResNet):

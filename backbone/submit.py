@@ -112,7 +112,7 @@ def make_executor(args: argparse.Namespace) -> submitit.Executor:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from backbone.train import PretrainConfig, plan_run
+    from backbone.train import PretrainConfig, check_inputs
 
     args = parse_args(argv)
     overrides = list(args.overrides)
@@ -121,7 +121,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         cfg = load_config(PretrainConfig, args.config, overrides)
         if not args.no_check:
-            plan_run(cfg)  # bad data, model name or run dir: fail here, not in the queue
+            check_inputs(cfg)  # bad data, model name or run dir: fail here, not in the queue
     except (ConfigError, CheckpointError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

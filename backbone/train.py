@@ -17,7 +17,6 @@ Starting again with the same directory resumes from the latest checkpoint.
 
 from __future__ import annotations
 
-import difflib
 import logging
 import sys
 import time
@@ -32,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import backbone  # noqa: F401  (registers resnet50_gcn with timm)
+from backbone.models import check_model_name
 from engine import checkpoint as ckpt
 from engine import distributed as distrib
 from engine.config import (
@@ -171,13 +170,6 @@ def resolution_at(cfg: ResolutionConfig, epoch: int) -> int:
 # ---------------------------------------------------------------------------------------------
 # Model and optimiser
 # ---------------------------------------------------------------------------------------------
-def check_model_name(name: str) -> None:
-    if not timm.is_model(name):
-        close = difflib.get_close_matches(name, timm.list_models(), n=5)
-        raise ConfigError(f"unknown model '{name}' (model.name). Any timm model works, e.g. resnet50 or "
-                          f"resnet50_gcn; close names: {', '.join(close) or 'none'}")
-
-
 def create_model(cfg: ModelConfig, num_classes: int) -> nn.Module:
     kwargs: dict[str, Any] = {"num_classes": num_classes}
     if cfg.blurpool:
@@ -214,18 +206,21 @@ def pretrained_cfg_for(model: nn.Module, cfg: PretrainConfig, num_classes: int) 
 # Checks done before any loader or worker starts
 # ---------------------------------------------------------------------------------------------
 @dataclass
-class RunPlan:
+class PretrainInputs:
     num_classes: int
     classes: list[str]
     resume_from: Path | None
     already_finished: bool
 
 
-def plan_run(cfg: PretrainConfig) -> RunPlan:
+def check_inputs(cfg: PretrainConfig) -> PretrainInputs:
     """Validate inputs and the run directory; raise ConfigError/CheckpointError with a fix."""
     from backbone.data import read_meta
 
-    check_model_name(cfg.model.name)
+    try:
+        check_model_name(cfg.model.name, "model")
+    except ValueError as e:
+        raise ConfigError(f"{e} (model.name)") from None
     metas = {}
     for key in ("train", "val"):
         path = getattr(cfg.data, key)
@@ -258,7 +253,7 @@ def plan_run(cfg: PretrainConfig) -> RunPlan:
     if finished and latest is None:
         raise ConfigError(f"{final} exists but there is no checkpoint beside it: this is not a run "
                           "directory this trainer can resume; choose another run.dir")
-    return RunPlan(num_classes, list(metas["train"].get("classes", [])), latest, finished)
+    return PretrainInputs(num_classes, list(metas["train"].get("classes", [])), latest, finished)
 
 
 def expected_identity(cfg: PretrainConfig, num_classes: int) -> dict[str, Any]:
@@ -271,7 +266,7 @@ def expected_identity(cfg: PretrainConfig, num_classes: int) -> dict[str, Any]:
 # The trainer
 # ---------------------------------------------------------------------------------------------
 class Trainer:
-    def __init__(self, cfg: PretrainConfig, plan: RunPlan, env: distrib.DistEnv, device: torch.device,
+    def __init__(self, cfg: PretrainConfig, plan: PretrainInputs, env: distrib.DistEnv, device: torch.device,
                  preempt: PreemptionFlag):
         from backbone.data import make_train_loader, make_val_loader
 
@@ -519,7 +514,7 @@ class Trainer:
 # ---------------------------------------------------------------------------------------------
 def run(cfg: PretrainConfig, preempt: PreemptionFlag | None = None) -> str:
     """Train (or resume) the run described by ``cfg``; returns 'finished', 'preempted' or 'done before'."""
-    plan = plan_run(cfg)  # every rank checks; errors before any loader/worker exists
+    plan = check_inputs(cfg)  # every rank checks; errors before any loader/worker exists
     return run_stage(cfg, plan, lambda env, device, flag: Trainer(cfg, plan, env, device, flag), preempt)
 
 

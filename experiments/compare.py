@@ -123,7 +123,7 @@ class CompareConfig:
     launch: LaunchConfig = field(default_factory=LaunchConfig)
 
     def validate(self) -> None:
-        from backbone.train import check_model_name
+        from backbone.models import check_model_name
         from segmentation.heads import HEADS
 
         if not self.backbones or not self.heads:
@@ -131,7 +131,7 @@ class CompareConfig:
         for b in self.backbones:
             try:
                 check_model_name(b)
-            except ConfigError as e:
+            except ValueError as e:
                 raise ConfigError(f"backbones: {e}") from e
         bad = [h for h in self.heads if h not in HEADS]
         if bad:
@@ -258,10 +258,10 @@ def check_plan(runs: Sequence[Run], data: bool = True) -> None:
         if not data:
             continue
         if run.kind == "pretrain":
-            from backbone.train import plan_run
+            from backbone.train import check_inputs
 
             try:
-                plan_run(stage)  # .beton files, model name, checkpoint compatibility
+                check_inputs(stage)  # .beton files, model name, checkpoint compatibility
             except ConfigError as e:
                 raise ConfigError(f"{run.name}: {e}") from e
         else:

@@ -133,7 +133,7 @@ def receptive_field_figure(runs: Sequence[Any], out_dir: Path, figures_cfg: Any)
     import torch
 
     from experiments.receptive_field import load_images_from_split, receptive_field_report
-    from segmentation.evaluate import load_model
+    from segmentation.artifacts import load_model
 
     d = runs[0].stage_config().data
     images = load_images_from_split(d.root, d.val_split, figures_cfg.vrf_images, d.dataset, d.sbd_root or None)

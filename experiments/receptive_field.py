@@ -645,7 +645,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _load_models(args: argparse.Namespace) -> tuple[dict[str, nn.Module], dict[str, Any] | None]:
     """Models by label, and the first checkpoint's metadata (None without checkpoints)."""
-    from segmentation.evaluate import load_model
+    from segmentation.artifacts import load_model
     from segmentation.network import build_segmentation_model
 
     specs = [_parse_model_spec(s) for s in args.model]  # check every spec before building anything

@@ -34,21 +34,19 @@ from torch import nn
 if __name__ == "__main__" and not __package__:  # run as a file: the repository, not this folder, on sys.path
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
-from backbone.weights import WeightsMismatchError, read_state_dict
+from backbone.weights import WeightsMismatchError
 from engine import distributed as distrib
 from engine.logs import Progress, setup_logging
+from segmentation.artifacts import load_model
 from segmentation.datasets import DatasetError, SegmentationDataset, build_samples, dataset_info, palette_for
 from segmentation.metrics import SegmentationMetrics, format_table
-from segmentation.network import build_segmentation_model
 from segmentation.transforms import eval_transform
 
-__all__ = ["MS_SCALES", "window_logits", "predict", "evaluate_dataset", "load_model", "parse_scales", "main"]
+__all__ = ["MS_SCALES", "window_logits", "predict", "evaluate_dataset", "parse_scales", "main"]
 
 log = logging.getLogger("segmentation.evaluate")
 
 MS_SCALES = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)
-SEG_TRAIN_FORMAT = "lkm-seg-train-v1"
-SEG_WEIGHTS_FORMAT = "lkm-seg-weights-v1"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -148,27 +146,6 @@ def evaluate_dataset(model: nn.Module, dataset: SegmentationDataset, device: tor
     scores = metrics.compute()
     scores["images"] = n
     return scores
-
-
-# ---------------------------------------------------------------------------------------------
-# Checkpoints of segmentation.finetune
-# ---------------------------------------------------------------------------------------------
-def load_model(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
-    """The network of a fine-tuning ``final.pth`` or ``checkpoint_*.pt``, and the file's metadata."""
-    state_dict, _ = read_state_dict(path)  # checks the file, names it in any error
-    full = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    meta = {k: v for k, v in full.items() if k not in ("model", "state_dict", "optimizer", "scaler", "rng")}
-    if meta.get("format") not in (SEG_TRAIN_FORMAT, SEG_WEIGHTS_FORMAT) or "model_args" not in meta:
-        raise WeightsMismatchError(
-            f"{path} is not a checkpoint of segmentation.finetune (format {meta.get('format', 'unknown')!r}); "
-            "give the final.pth or a checkpoint_*.pt of a fine-tuning run directory")
-    args = dict(meta["model_args"])
-    model = build_segmentation_model(args.pop("backbone"), pretrained=None, **args)
-    missing, unexpected = model.load_state_dict(state_dict, strict=False)
-    if missing or unexpected:
-        raise WeightsMismatchError(f"{path}: weights do not fit the network it names ({meta['model_args']}): "
-                                   f"missing {missing[:5]}, unexpected {unexpected[:5]}")
-    return model, meta
 
 
 def parse_scales(text: str) -> tuple[float, ...]:

@@ -21,7 +21,6 @@ what ``segmentation.evaluate`` needs). Starting again with the same directory re
 """
 from __future__ import annotations
 
-import difflib
 import itertools
 import logging
 import sys
@@ -36,10 +35,10 @@ if __name__ == "__main__" and not __package__:
     # metrics.py and transforms.py would otherwise shadow top-level modules of those names.
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
-import timm
 import torch
 from torch import nn
 
+from backbone.models import check_model_name
 from backbone.weights import WeightsMismatchError, load_weights
 from engine import checkpoint as ckpt
 from engine import distributed as distrib
@@ -47,6 +46,7 @@ from engine.config import ConfigError, argument_parser, describe_keys, load_conf
 from engine.logs import MetricsWriter, Progress
 from engine.preemption import PreemptionFlag
 from engine.runner import NonFiniteLossError, run_stage
+from segmentation.artifacts import SEG_TRAIN_FORMAT, SEG_WEIGHTS_FORMAT
 from segmentation.datasets import (
     DATASETS,
     IGNORE_INDEX,
@@ -55,7 +55,7 @@ from segmentation.datasets import (
     build_samples,
     dataset_info,
 )
-from segmentation.evaluate import SEG_TRAIN_FORMAT, SEG_WEIGHTS_FORMAT, evaluate_dataset
+from segmentation.evaluate import evaluate_dataset
 from segmentation.heads import HEADS, make_score_head
 from segmentation.network import build_segmentation_model
 from segmentation.transforms import train_transform
@@ -221,19 +221,19 @@ class EpochSampler(torch.utils.data.Sampler):
 # Checks done before any worker starts
 # ---------------------------------------------------------------------------------------------
 @dataclass
-class RunPlan:
+class FinetuneInputs:
     train: list
     val: list
     resume_from: Path | None
     already_finished: bool
 
 
-def plan_run(cfg: FinetuneConfig) -> RunPlan:
+def check_inputs(cfg: FinetuneConfig) -> FinetuneInputs:
     """Validate data, weights and the run directory; raise with the problem and the fix."""
-    if not timm.is_model(cfg.model.backbone):
-        close = difflib.get_close_matches(cfg.model.backbone, timm.list_models(), n=5)
-        raise ConfigError(f"unknown backbone '{cfg.model.backbone}' (model.backbone / --backbone); close timm "
-                          f"names: {', '.join(close) or 'none'}")
+    try:
+        check_model_name(cfg.model.backbone, "backbone")
+    except ValueError as e:
+        raise ConfigError(f"{e} (model.backbone / --backbone)") from None
     try:
         with torch.device("meta"):  # a bad k fails here, before the run directory exists
             make_score_head(cfg.model.head, 1, 1, cfg.model.kernel_size)
@@ -254,7 +254,7 @@ def plan_run(cfg: FinetuneConfig) -> RunPlan:
     if finished and latest is None:
         raise ConfigError(f"{run_dir / 'final.pth'} exists without a checkpoint beside it: not a run directory "
                           "this trainer can resume; choose another run.dir")
-    return RunPlan(train, val, latest, finished)
+    return FinetuneInputs(train, val, latest, finished)
 
 
 def build_model(cfg: FinetuneConfig) -> nn.Module:
@@ -274,7 +274,7 @@ def build_model(cfg: FinetuneConfig) -> nn.Module:
 # The trainer
 # ---------------------------------------------------------------------------------------------
 class Finetuner:
-    def __init__(self, cfg: FinetuneConfig, plan: RunPlan, env: distrib.DistEnv, device: torch.device,
+    def __init__(self, cfg: FinetuneConfig, plan: FinetuneInputs, env: distrib.DistEnv, device: torch.device,
                  preempt: PreemptionFlag):
         self.cfg, self.plan, self.env, self.device, self.preempt = cfg, plan, env, device, preempt
         self.run_dir = Path(cfg.run.dir)
@@ -463,7 +463,7 @@ class Finetuner:
 # ---------------------------------------------------------------------------------------------
 def run(cfg: FinetuneConfig, preempt: PreemptionFlag | None = None) -> str:
     """Fine-tune (or resume) the run of ``cfg``; returns 'finished', 'preempted' or 'done before'."""
-    plan = plan_run(cfg)  # every rank checks; errors before any worker exists
+    plan = check_inputs(cfg)  # every rank checks; errors before any worker exists
     return run_stage(cfg, plan, lambda env, device, flag: Finetuner(cfg, plan, env, device, flag), preempt)
 
 

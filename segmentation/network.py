@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import backbone as _backbone  # noqa: F401  (registers resnet50_gcn with timm)
+from backbone.models import check_model_name
 from backbone.weights import load_weights
 
 from .heads import HEADS, BoundaryRefinement, bilinear_deconv, make_score_head
@@ -126,13 +126,6 @@ def stage_indices(backbone: str, reductions: Sequence[int] = STAGE_REDUCTIONS, *
     return tuple(picked)
 
 
-def _check_backbone(backbone: str) -> None:
-    if not timm.is_model(backbone):
-        near = timm.list_models(f"*{backbone.split('.')[0]}*")[:8]
-        hint = f" Similar names: {', '.join(near)}." if near else ""
-        raise ValueError(f"unknown backbone {backbone!r} (not in timm's registry).{hint}")
-
-
 def _timm_weights_name(backbone: str, spec: str) -> str:
     """``timm`` / ``timm:TAG`` / ``timm:ARCH.TAG`` -> the timm model name with its pretrained tag."""
     _, _, rest = spec.partition(":")
@@ -217,7 +210,7 @@ def build_segmentation_model(
     Raises ValueError for an unknown backbone/head or a bad k, FileNotFoundError for a missing
     checkpoint, ``backbone.weights.WeightsMismatchError`` for a checkpoint of another architecture.
     """
-    _check_backbone(backbone)
+    check_model_name(backbone, "backbone")
     if head not in HEADS:
         raise ValueError(f"unknown head {head!r}; choose one of {', '.join(HEADS)}")
     if br is None:

@@ -29,9 +29,9 @@ from segmentation.finetune import (
     FinetuneConfig,
     OptimConfig,
     build_model,
+    check_inputs,
     main,
     param_groups,
-    plan_run,
     poly_lr,
     run,
 )
@@ -203,9 +203,9 @@ def test_bad_inputs_are_refused_before_training(devkit: Path, tmp_path: Path, ca
     assert main(["--config", str(TINY), "--backbone", "resnet5O", f"data.root={devkit}"]) == 2
     assert "unknown backbone 'resnet5O'" in capsys.readouterr().err
     with pytest.raises(ConfigError, match=r"model.kernel_size=6: .*odd kernel size"):
-        plan_run(tiny(devkit, tmp_path / "r", "model.kernel_size=6"))
+        check_inputs(tiny(devkit, tmp_path / "r", "model.kernel_size=6"))
     with pytest.raises(ConfigError, match=r"model.pretrained: .*missing\.pth does not exist"):
-        plan_run(tiny(devkit, tmp_path / "r", f"model.pretrained={tmp_path / 'missing.pth'}"))
+        check_inputs(tiny(devkit, tmp_path / "r", f"model.pretrained={tmp_path / 'missing.pth'}"))
 
     # a run directory holding another network's checkpoint: refused, nothing touched
     other = tmp_path / "other"

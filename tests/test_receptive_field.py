@@ -25,7 +25,7 @@ from experiments.receptive_field import (
     valid_receptive_field,
     vrf_area,
 )
-from segmentation.evaluate import SEG_WEIGHTS_FORMAT
+from segmentation.artifacts import SEG_WEIGHTS_FORMAT
 from segmentation.network import build_segmentation_model
 from segmentation.writers import write_vocdevkit
 

@@ -15,10 +15,10 @@ import backbone
 from backbone.train import (
     NonFiniteLossError,
     PretrainConfig,
+    check_inputs,
     lr_at,
     main,
     peak_lr,
-    plan_run,
     resolution_at,
     run,
 )
@@ -109,21 +109,21 @@ def test_metrics_and_final_weights_load_through_timm(uninterrupted: Path) -> Non
 def test_bad_inputs_are_refused_before_training(uninterrupted: Path, pretrain_betons: dict[str, Path],
                                                 tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     with pytest.raises(ConfigError, match=r"data\.train: .*missing\.beton does not exist.*write_beton"):
-        plan_run(tiny({"train": tmp_path / "missing.beton", "val": pretrain_betons["val"]}, tmp_path / "r"))
+        check_inputs(tiny({"train": tmp_path / "missing.beton", "val": pretrain_betons["val"]}, tmp_path / "r"))
     broken = tmp_path / "broken.beton"
     broken.write_bytes(b"\0" * 100)
     with pytest.raises(ConfigError, match=r"cannot read .*broken\.beton"):
-        plan_run(tiny({"train": broken, "val": pretrain_betons["val"]}, tmp_path / "r"))
+        check_inputs(tiny({"train": broken, "val": pretrain_betons["val"]}, tmp_path / "r"))
     with pytest.raises(ConfigError, match=r"model.num_classes=10 but .* has 4 classes"):
-        plan_run(tiny(pretrain_betons, tmp_path / "r", "model.num_classes=10"))
+        check_inputs(tiny(pretrain_betons, tmp_path / "r", "model.num_classes=10"))
     with pytest.raises(ConfigError, match=r"unknown model 'resnet5O'.*resnet50"):
-        plan_run(tiny(pretrain_betons, tmp_path / "r", "model.name=resnet5O"))
+        check_inputs(tiny(pretrain_betons, tmp_path / "r", "model.name=resnet5O"))
 
     other = tmp_path / "other_model"
     shutil.copytree(uninterrupted, other)
     before = {p.name: p.read_bytes() for p in other.iterdir()}
     with pytest.raises(ckpt.CheckpointError, match=r"model_name='resnet18'.*model_name='resnet50_gcn'"):
-        plan_run(tiny(pretrain_betons, other, "model.name=resnet50_gcn"))
+        check_inputs(tiny(pretrain_betons, other, "model.name=resnet50_gcn"))
     code = main(["--config", str(TINY), f"data.train={pretrain_betons['train']}",
                  f"data.val={pretrain_betons['val']}", f"run.dir={other}", "model.name=resnet34"])
     assert code == 2 and "model_name='resnet34'" in capsys.readouterr().err

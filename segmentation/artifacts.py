@@ -1,0 +1,41 @@
+"""What fine-tuning writes and what evaluation, the figures and the comparison read.
+
+* ``checkpoint_<iteration>.pt``: a training checkpoint (format ``lkm-seg-train-v1``): the network's
+  weights, the optimiser, the position in the run, every rank's RNG state, and the run's identity;
+* ``final.pth``: the weights at the end (format ``lkm-seg-weights-v1``) with ``model_args`` (the
+  ``build_segmentation_model`` keywords that rebuild the network), the data set, its classes and the
+  resolved config.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from backbone.weights import WeightsMismatchError, read_state_dict
+from segmentation.network import build_segmentation_model
+
+__all__ = ["SEG_TRAIN_FORMAT", "SEG_WEIGHTS_FORMAT", "load_model"]
+
+SEG_TRAIN_FORMAT = "lkm-seg-train-v1"
+SEG_WEIGHTS_FORMAT = "lkm-seg-weights-v1"
+
+
+def load_model(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
+    """The network of a fine-tuning ``final.pth`` or ``checkpoint_*.pt``, and the file's metadata."""
+    state_dict, _ = read_state_dict(path)  # checks the file, names it in any error
+    full = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    meta = {k: v for k, v in full.items() if k not in ("model", "state_dict", "optimizer", "scaler", "rng")}
+    if meta.get("format") not in (SEG_TRAIN_FORMAT, SEG_WEIGHTS_FORMAT) or "model_args" not in meta:
+        raise WeightsMismatchError(
+            f"{path} is not a checkpoint of segmentation.finetune (format {meta.get('format', 'unknown')!r}); "
+            "give the final.pth or a checkpoint_*.pt of a fine-tuning run directory")
+    args = dict(meta["model_args"])
+    model = build_segmentation_model(args.pop("backbone"), pretrained=None, **args)
+    missing, unexpected = model.load_state_dict(state_dict, strict=False)
+    if missing or unexpected:
+        raise WeightsMismatchError(f"{path}: weights do not fit the network it names ({meta['model_args']}): "
+                                   f"missing {missing[:5]}, unexpected {unexpected[:5]}")
+    return model, meta
