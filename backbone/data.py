@@ -20,9 +20,10 @@ and flips come from numba's per-thread generators and are not seeded.
 
 from __future__ import annotations
 
-import json
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -33,33 +34,14 @@ from ffcv.pipeline.allocation_query import AllocationQuery
 from ffcv.pipeline.operation import Operation
 from ffcv.pipeline.state import State
 from ffcv.transforms import NormalizeImage, RandomHorizontalFlip, Squeeze, ToDevice, ToTensor, ToTorchImage
+from timm.data import DEFAULT_CROP_PCT, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
-IMAGENET_MEAN = np.array([0.485, 0.456, 0.406]) * 255
-IMAGENET_STD = np.array([0.229, 0.224, 0.225]) * 255
-VAL_CROP_RATIO = 224 / 256
+from backbone.write_beton import read_meta
+
+# ffcv normalises uint8 pixels: timm's ImageNet mean and std in pixel units
+IMAGENET_MEAN = np.array(IMAGENET_DEFAULT_MEAN) * 255
+IMAGENET_STD = np.array(IMAGENET_DEFAULT_STD) * 255
 ORDERS = {"random": OrderOption.RANDOM, "quasi_random": OrderOption.QUASI_RANDOM}
-
-
-def _meta_path(beton: Path) -> Path:
-    return beton.with_suffix(".json")
-
-
-def read_meta(beton: str | Path) -> dict:
-    """The JSON written beside ``beton`` by ``backbone.write_beton`` (class map, counts, settings)."""
-    beton = Path(beton)
-    if not beton.is_file():
-        raise FileNotFoundError(
-            f"{beton} not found; write it with: "
-            f"python -m backbone.write_beton --data-dir SPLIT_DIR --out {beton}"
-        )
-    meta = _meta_path(beton)
-    if not meta.is_file():
-        raise FileNotFoundError(
-            f"{meta} (the class map written beside {beton.name}) is missing; it is written by "
-            f"python -m backbone.write_beton, rewrite the .beton with it (--overwrite)"
-        )
-    with meta.open() as f:
-        return json.load(f)
 
 
 class TorchNormalize(Operation):
@@ -198,7 +180,7 @@ def make_val_loader(
     resolution: int = 256,
     device: torch.device,
     distributed: bool = False,
-    ratio: float = VAL_CROP_RATIO,
+    ratio: float = DEFAULT_CROP_PCT,
     os_cache: bool = True,
 ) -> Loader:
     """Validation loader: centre crop of ``ratio`` x the short side, resized to ``resolution``.
@@ -247,6 +229,35 @@ def set_train_resolution(loader: Loader, resolution: int) -> None:
 def train_resolution(loader: Loader) -> int:
     """The crop size the next epoch of a train loader will use."""
     return int(_train_decoder(loader).output_size[0])
+
+
+def epoch_batches(loader: Loader, skip: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """One epoch of ``loader`` from batch ``skip`` on (earlier ones are decoded and dropped: the order
+    is replayed, ffcv cannot seek). Leaving the loop early shuts the epoch down (:func:`close_epoch`)."""
+    it = iter(loader)
+    try:
+        for i, batch in enumerate(it):
+            if i >= skip:
+                yield batch
+    finally:
+        close_epoch(it)
+
+
+def close_epoch(it: Any, timeout_s: float = 60.0) -> None:
+    """Stop an ffcv epoch that was not read to the end, without reading the rest.
+
+    ffcv's loader thread keeps decoding until its queue (``batches_ahead`` deep) is full, and only then
+    notices the stop request; closing its memory context before the thread is out could pull pages
+    from under it. So: ask it to stop, wait for the thread, then release the epoch.
+    """
+    if getattr(it, "closed", True) or not hasattr(it, "terminate_event"):
+        return
+    it.terminate_event.set()
+    it.join(timeout_s)
+    if it.is_alive():  # should not happen; leaving the memory mapped is the safe side
+        return
+    it.close()
+    it.closed = True
 
 
 def set_epoch(loader: Loader, epoch: int) -> None:

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import logging
 import sys
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,8 +28,10 @@ import numpy as np
 import timm
 import torch
 import torch.nn.functional as F
+from timm.data import DEFAULT_CROP_PCT, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import nn
 
+from backbone.artifacts import FinalWeights, PretrainCheckpoint
 from backbone.models import check_model_name
 from engine import checkpoint as ckpt
 from engine import distributed as distrib
@@ -41,15 +42,12 @@ from engine.config import (
     load_config,
     to_dict,
 )
-from engine.logs import MetricsWriter, Progress
+from engine.logs import MetricsWriter
+from engine.loop import TrainLoop
 from engine.preemption import PreemptionFlag
-from engine.runner import NonFiniteLossError, run_stage
+from engine.runner import NonFiniteLossError, RunDirState, RunStatus, inspect_run_dir, run_stage
 
 log = logging.getLogger("backbone.train")
-
-TRAIN_FORMAT = "lkm-train-v1"
-WEIGHTS_FORMAT = "lkm-weights-v1"
-VAL_CROP_RATIO = 224 / 256
 
 
 # ---------------------------------------------------------------------------------------------
@@ -196,10 +194,17 @@ def pretrained_cfg_for(model: nn.Module, cfg: PretrainConfig, num_classes: int) 
     r = cfg.resolution
     base.update(url="", hf_hub_id=None, file=None, tag="lkm_ffcv", num_classes=num_classes,
                 input_size=(3, r.max_res, r.max_res), test_input_size=(3, r.val_res, r.val_res),
-                crop_pct=VAL_CROP_RATIO, test_crop_pct=VAL_CROP_RATIO, interpolation="bilinear",
-                mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
+                crop_pct=DEFAULT_CROP_PCT, test_crop_pct=DEFAULT_CROP_PCT, interpolation="bilinear",
+                mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD)
     plain = str | int | float | bool | tuple | list | type(None)
     return {k: v for k, v in base.items() if isinstance(v, plain)}
+
+
+def topk_hits(logits: torch.Tensor, labels: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(top-1 hits, top-k hits) of a batch: how many labels are the arg max, and among the k largest."""
+    topk = logits.topk(min(k, logits.shape[1]), dim=1).indices
+    hits = topk == labels[:, None]
+    return hits[:, 0].sum(), hits.any(dim=1).sum()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -207,10 +212,11 @@ def pretrained_cfg_for(model: nn.Module, cfg: PretrainConfig, num_classes: int) 
 # ---------------------------------------------------------------------------------------------
 @dataclass
 class PretrainInputs:
+    """What the checks found: the data's classes and the state of the run directory."""
+
     num_classes: int
     classes: list[str]
-    resume_from: Path | None
-    already_finished: bool
+    run: RunDirState
 
 
 def check_inputs(cfg: PretrainConfig) -> PretrainInputs:
@@ -243,41 +249,31 @@ def check_inputs(cfg: PretrainConfig) -> PretrainInputs:
     if num_classes != n_train:
         raise ConfigError(f"model.num_classes={num_classes} but {cfg.data.train} has {n_train} classes; "
                           "drop model.num_classes (it defaults to the data's) or use matching data")
-
-    run_dir = Path(cfg.run.dir)
-    latest = ckpt.latest_checkpoint(run_dir)
-    if latest is not None:
-        ckpt.check_compatible(ckpt.peek_checkpoint(latest), latest, expected_identity(cfg, num_classes))
-    final = run_dir / "final.pth"
-    finished = final.exists()
-    if finished and latest is None:
-        raise ConfigError(f"{final} exists but there is no checkpoint beside it: this is not a run "
-                          "directory this trainer can resume; choose another run.dir")
-    return PretrainInputs(num_classes, list(metas["train"].get("classes", [])), latest, finished)
+    state = inspect_run_dir(cfg.run.dir, expected_identity(cfg, num_classes))
+    return PretrainInputs(num_classes, list(metas["train"].get("classes", [])), state)
 
 
 def expected_identity(cfg: PretrainConfig, num_classes: int) -> dict[str, Any]:
     """What a checkpoint must match to be resumed by this run."""
-    return {"format": TRAIN_FORMAT, "model_name": cfg.model.name, "num_classes": num_classes,
-            "blurpool": cfg.model.blurpool}
+    return PretrainCheckpoint.identity(cfg.model.name, num_classes, cfg.model.blurpool)
 
 
 # ---------------------------------------------------------------------------------------------
 # The trainer
 # ---------------------------------------------------------------------------------------------
 class Trainer:
-    def __init__(self, cfg: PretrainConfig, plan: PretrainInputs, env: distrib.DistEnv, device: torch.device,
+    def __init__(self, cfg: PretrainConfig, inputs: PretrainInputs, env: distrib.DistEnv, device: torch.device,
                  preempt: PreemptionFlag):
         from backbone.data import make_train_loader, make_val_loader
 
-        self.cfg, self.plan, self.env, self.device, self.preempt = cfg, plan, env, device, preempt
+        self.cfg, self.inputs, self.env, self.device = cfg, inputs, env, device
         self.run_dir = Path(cfg.run.dir)
         self.on_gpu = device.type == "cuda"
         self.amp_dtype = torch.bfloat16 if self.on_gpu and cfg.train.amp else None
         self.memory_format = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
 
         torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
-        model = create_model(cfg.model, plan.num_classes).to(device, memory_format=self.memory_format)
+        model = create_model(cfg.model, inputs.num_classes).to(device, memory_format=self.memory_format)
         self.model = model
         self.ddp = (nn.parallel.DistributedDataParallel(model, device_ids=[device] if self.on_gpu else None)
                     if env.distributed else model)
@@ -292,12 +288,14 @@ class Trainer:
             self.ema = ModelEmaV3(model, decay=cfg.train.ema_decay, use_warmup=True)
         self.criterion = nn.CrossEntropyLoss(label_smoothing=cfg.optim.label_smoothing)
 
-        self.epoch, self.step, self.step_in_epoch = 0, 0, 0
-        self.metrics = MetricsWriter(self.run_dir / "metrics.jsonl", enabled=env.is_main)
+        self.epoch, self.step_in_epoch = 0, 0
+        self.loop = TrainLoop(env=env, device=device, preempt=preempt,
+                              metrics=MetricsWriter(self.run_dir / "metrics.jsonl", enabled=env.is_main),
+                              logger=log, save=self.save, run_dir=self.run_dir, check_every=cfg.run.check_every_steps,
+                              log_every_s=cfg.run.log_every_s)
         torch.manual_seed(cfg.train.seed + env.rank)
         np.random.seed((cfg.train.seed + env.rank) % 2**32)
-        if plan.resume_from is not None:
-            self.resume(plan.resume_from)
+        resumed = self.resume(inputs.run.resume_from) if inputs.run.resume_from is not None else None
 
         res = resolution_at(cfg.resolution, self.epoch)
         self.train_loader = make_train_loader(
@@ -312,168 +310,115 @@ class Trainer:
             raise ConfigError(f"{cfg.data.train} has fewer images per process than data.batch_size="
                               f"{cfg.data.batch_size} (drop_last): lower the batch size")
         self.global_batch = cfg.data.batch_size * env.world_size
+        if resumed is not None and resumed.global_batch != self.global_batch:
+            raise ckpt.CheckpointError(
+                f"the checkpoint in {self.run_dir} was trained with a global batch of {resumed.global_batch}, "
+                f"this run has {self.global_batch} (data.batch_size x {env.world_size} processes): resume with "
+                "the same global batch")
         self.peak = peak_lr(cfg.optim, self.global_batch)
 
     # --- checkpoints --------------------------------------------------------------------------
-    def state(self) -> dict[str, Any]:
-        rng = [None] * self.env.world_size
-        if distrib.is_initialized():
-            torch.distributed.all_gather_object(rng, ckpt.capture_rng_state())
-        else:
-            rng = [ckpt.capture_rng_state()]
-        state = {
-            "format": TRAIN_FORMAT, "model_name": self.cfg.model.name, "num_classes": self.plan.num_classes,
-            "blurpool": self.cfg.model.blurpool, "classes": self.plan.classes,
-            "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-            "scaler": self.scaler.state_dict(), "epoch": self.epoch, "step": self.step,
-            "step_in_epoch": self.step_in_epoch, "steps_per_epoch": self.steps_per_epoch,
-            "global_batch": self.global_batch, "world_size": self.env.world_size, "rng": rng,
-            "config": to_dict(self.cfg),
-        }
-        if self.ema is not None:
-            state["model_ema"] = self.ema.module.state_dict()
-        return state
-
-    def save(self) -> None:
-        state = self.state()  # collective (RNG gather): every rank takes part
+    def save(self) -> Path | None:
+        """Checkpoint at the current step (a collective: every rank takes part in the RNG gather)."""
+        rng = ckpt.gather_rng_states(self.env.world_size)
+        path = None
         if self.env.is_main:
-            path = ckpt.save_checkpoint(state, self.run_dir, self.step, keep=self.cfg.run.keep_checkpoints)
-            log.info("checkpoint: %s (epoch %d, step %d)", path, self.epoch, self.step)
+            cfg = self.cfg
+            state = PretrainCheckpoint(
+                model_name=cfg.model.name, num_classes=self.inputs.num_classes, blurpool=cfg.model.blurpool,
+                classes=self.inputs.classes, model=self.model.state_dict(), optimizer=self.optimizer.state_dict(),
+                scaler=self.scaler.state_dict(), epoch=self.epoch, step=self.loop.step,
+                step_in_epoch=self.step_in_epoch, steps_per_epoch=self.steps_per_epoch,
+                global_batch=self.global_batch, world_size=self.env.world_size, rng=rng, config=to_dict(cfg),
+                model_ema=self.ema.module.state_dict() if self.ema is not None else None)
+            path = state.save(self.run_dir, keep=cfg.run.keep_checkpoints)
+            log.info("checkpoint: %s (epoch %d, step %d)", path, self.epoch, self.loop.step)
         distrib.barrier()
+        return path
 
-    def resume(self, path: Path) -> None:
-        state = ckpt.load_checkpoint(path, expected_identity(self.cfg, self.plan.num_classes))
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scaler.load_state_dict(state["scaler"])
+    def resume(self, path: Path) -> PretrainCheckpoint:
+        state = PretrainCheckpoint.load(path, expected_identity(self.cfg, self.inputs.num_classes))
+        self.model.load_state_dict(state.model)
+        self.optimizer.load_state_dict(state.optimizer)
+        self.scaler.load_state_dict(state.scaler)
         if self.ema is not None:
-            if "model_ema" not in state:
+            if state.model_ema is None:
                 raise ckpt.CheckpointError(f"{path} has no EMA weights but train.ema=true; resume with "
                                            "train.ema=false or start a new run.dir")
-            self.ema.module.load_state_dict(state["model_ema"])
-        self.epoch, self.step, self.step_in_epoch = state["epoch"], state["step"], state["step_in_epoch"]
-        self.resumed_global_batch = state["global_batch"]
-        rng = state["rng"]
-        if len(rng) == self.env.world_size:
-            ckpt.restore_rng_state(rng[self.env.rank])
-        else:
-            log.warning("checkpoint was written by %d processes, this run has %d: RNG states not restored",
-                        len(rng), self.env.world_size)
+            self.ema.module.load_state_dict(state.model_ema)
+        self.epoch, self.loop.step, self.step_in_epoch = state.epoch, state.step, state.step_in_epoch
+        ckpt.restore_rank_rng(state.rng, self.env.rank, self.env.world_size)
         log.info("resumed from checkpoint %s at epoch %d, step %d (step %d of the epoch)", path,
-                 self.epoch, self.step, self.step_in_epoch)
+                 self.epoch, state.step, self.step_in_epoch)
+        return state
 
     # --- loops --------------------------------------------------------------------------------
-    def fit(self) -> str:
-        """Train to the end (``'finished'``) or until a signal (``'preempted'``)."""
+    def fit(self) -> RunStatus:
+        """Train to the end, or until a signal (then a checkpoint is on disk and the job requeued)."""
         cfg = self.cfg
-        if getattr(self, "resumed_global_batch", self.global_batch) != self.global_batch:
-            raise ckpt.CheckpointError(
-                f"the checkpoint in {self.run_dir} was trained with a global batch of "
-                f"{self.resumed_global_batch}, this run has {self.global_batch} "
-                f"(data.batch_size x {self.env.world_size} processes): resume with the same global batch")
         if self.env.is_main:
             log.info("training %s: %d classes, %d epochs x %d steps, global batch %d (%d processes), "
-                     "peak lr %.4g", cfg.model.name, self.plan.num_classes, cfg.train.epochs,
+                     "peak lr %.4g", cfg.model.name, self.inputs.num_classes, cfg.train.epochs,
                      self.steps_per_epoch, self.global_batch, self.env.world_size, self.peak)
         while self.epoch < cfg.train.epochs:
-            status = self.train_epoch()
-            if status == "preempted":
-                return status
+            self.train_epoch()
+            if self.loop.preempted:
+                return RunStatus.PREEMPTED
             self.epoch, self.step_in_epoch = self.epoch + 1, 0
             self.save()
             last = self.epoch == cfg.train.epochs
             if last or self.epoch % cfg.train.eval_every == 0:
-                stats = self.evaluate()
-                self.metrics.write(kind="val", epoch=self.epoch, step=self.step, **stats)
-                if self.env.is_main:
-                    log.info("epoch %d/%d: val top-1 %.4f, top-5 %.4f, loss %.4f", self.epoch,
-                             cfg.train.epochs, stats["top1"], stats["top5"], stats["loss"])
-            if distrib.any_rank(bool(self.preempt), self.device) and not last:
-                self.preempt.hand_over(self.env.is_main)
-                return "preempted"
-        return "finished"
+                self.validate()
+            if distrib.any_rank(bool(self.loop.preempt), self.device) and not last:
+                self.loop.preempt.hand_over(self.env.is_main)
+                return RunStatus.PREEMPTED
+        return RunStatus.FINISHED
 
-    def train_epoch(self) -> str:
-        from backbone.data import set_epoch, set_train_resolution
+    def train_epoch(self) -> None:
+        """One epoch (or its rest, after a resume mid-epoch), as ffcv-imagenet's ``train_loop``."""
+        from backbone.data import epoch_batches, set_epoch, set_train_resolution
 
         cfg = self.cfg
         res = resolution_at(cfg.resolution, self.epoch)
         set_train_resolution(self.train_loader, res)
         set_epoch(self.train_loader, self.epoch)  # sample order = f(seed, epoch), also after a resume
         self.model.train()
-        skip = self.step_in_epoch  # resumed mid-epoch: the loader replays the same order (seed + epoch)
-        bad = torch.zeros((), device=self.device, dtype=torch.bool)
-        loss_sum = torch.zeros((), device=self.device)
-        n_logged, t0, images_seen = 0, time.perf_counter(), 0
-        progress = Progress(self.train_loader, self.steps_per_epoch,
-                            f"epoch {self.epoch + 1}/{cfg.train.epochs}", enabled=self.env.is_main,
-                            every_s=cfg.run.log_every_s, logger=log)
-        batches = iter(progress)  # one iterator: draining it after a stop must finish *this* epoch
-        for i, (images, labels) in enumerate(batches):
-            if i < skip:
-                continue
+        start = self.step_in_epoch  # resumed mid-epoch: the loader replays the same order, we skip ahead
+        batches = epoch_batches(self.train_loader, skip=start)
+        for i, (images, labels) in enumerate(self.loop.steps(
+                batches, length=self.steps_per_epoch - start, total=self.steps_per_epoch, initial=start,
+                desc=f"epoch {self.epoch + 1}/{cfg.train.epochs}"), start=start):
             lr = lr_at(cfg.optim, cfg.train.epochs, self.epoch + i / self.steps_per_epoch, self.peak)
-            for group in self.optimizer.param_groups:
-                group["lr"] = lr
-            with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
-                                enabled=self.amp_dtype is not None):
-                loss = self.criterion(self.ddp(images), labels)
-            self.optimizer.zero_grad(set_to_none=True)
-            self.scaler.scale(loss).backward()
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-            if self.ema is not None:
-                self.ema.update(self.model, step=self.step)
-            self.step, self.step_in_epoch = self.step + 1, i + 1
-            loss = loss.detach()
-            bad |= ~torch.isfinite(loss)
-            loss_sum += loss
-            n_logged += 1
-            images_seen += images.shape[0]
+            loss = self.train_step(images, labels, lr)
+            self.step_in_epoch = i + 1
+            self.loop.record(loss, images.shape[0], epoch=self.epoch, lr=lr, resolution=res)
 
-            # A signal may reach the ranks at different steps: they agree through an all-reduce,
-            # which syncs, so multi-process runs look only every check_every_steps steps.
-            periodic = self.step % cfg.run.check_every_steps == 0 or i + 1 == self.steps_per_epoch
-            stop = distrib.any_rank(bool(self.preempt), self.device) if periodic or not self.env.distributed \
-                else False
-            if stop or periodic:
-                if not self.all_finite(bad):
-                    self.drain(batches)
-                    raise NonFiniteLossError(
-                        f"non-finite training loss before step {self.step} (epoch {self.epoch}); the run "
-                        "stopped without writing a new checkpoint. Last good checkpoint: "
-                        f"{ckpt.latest_checkpoint(self.run_dir) or 'none'}. Lower optim.lr or check the "
-                        "data, then start again with the same run.dir to resume from it.")
-                now = time.perf_counter()
-                rate = images_seen * self.env.world_size / max(now - t0, 1e-9)
-                total = distrib.all_reduce_sum(loss_sum.clone())
-                mean_loss = (total / (n_logged * self.env.world_size)).item()
-                progress.update(loss=mean_loss, lr=lr, res=res, img_s=round(rate))
-                self.metrics.write(kind="train", epoch=self.epoch, step=self.step, loss=mean_loss, lr=lr,
-                                   resolution=res, images_per_s=rate)
-                loss_sum.zero_()
-                n_logged, t0, images_seen = 0, now, 0
-            if stop:
-                self.drain(batches)
-                self.save()
-                self.preempt.hand_over(self.env.is_main)
-                return "preempted"
-        return "done"
+    def train_step(self, images: torch.Tensor, labels: torch.Tensor, lr: float) -> torch.Tensor:
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
+                            enabled=self.amp_dtype is not None):
+            loss = self.criterion(self.ddp(images), labels)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        if self.ema is not None:
+            self.ema.update(self.model, step=self.loop.step)
+        return loss
 
-    @staticmethod
-    def drain(it: Any) -> None:
-        # ffcv's loader thread waits for the epoch to be consumed; leaving it half-read can hang exit
-        for _ in it:
-            pass
-
-    def all_finite(self, bad: torch.Tensor) -> bool:
-        return not distrib.any_rank(bool(bad.item()), self.device)
+    def validate(self) -> dict[str, float]:
+        stats = self.evaluate()
+        self.loop.metrics.write(kind="val", epoch=self.epoch, step=self.loop.step, **stats)
+        if self.env.is_main:
+            log.info("epoch %d/%d: val top-1 %.4f, top-5 %.4f, loss %.4f", self.epoch,
+                     self.cfg.train.epochs, stats["top1"], stats["top5"], stats["loss"])
+        return stats
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
         model = self.ema.module if self.ema is not None else self.model
         model.eval()
-        k = min(5, self.plan.num_classes)
         totals = torch.zeros(4, device=self.device, dtype=torch.float64)  # top1, top5, loss sum, count
         for images, labels in self.val_loader:
             with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
@@ -482,10 +427,8 @@ class Trainer:
                 if self.cfg.train.flip_tta:
                     logits = logits + model(torch.flip(images, dims=[3]))
             logits = logits.float()
-            topk = logits.topk(k, dim=1).indices
-            hits = topk == labels[:, None]
-            totals += torch.stack([hits[:, 0].sum(), hits.any(dim=1).sum(),
-                                   F.cross_entropy(logits, labels, reduction="sum"),
+            top1, top5 = topk_hits(logits, labels, 5)
+            totals += torch.stack([top1, top5, F.cross_entropy(logits, labels, reduction="sum"),
                                    torch.tensor(labels.numel(), device=self.device)]).to(totals)
         distrib.all_reduce_sum(totals)
         top1, top5, loss, n = totals.tolist()
@@ -495,27 +438,22 @@ class Trainer:
     def write_final(self) -> Path:
         """``final.pth``: weights only (EMA if used) + what timm needs to rebuild the model."""
         model = self.ema.module if self.ema is not None else self.model
-        sd = {k: v.detach().to("cpu", memory_format=torch.contiguous_format).clone()
-              for k, v in model.state_dict().items()}
-        final = {
-            "state_dict": sd, "model_name": self.cfg.model.name,
-            "pretrained_cfg": pretrained_cfg_for(self.model, self.cfg, self.plan.num_classes),
-            "num_classes": self.plan.num_classes, "format": WEIGHTS_FORMAT,
-            "model_kwargs": {"aa_layer": "blurpool"} if self.cfg.model.blurpool else {},
-            "classes": self.plan.classes, "epochs": self.epoch, "ema": self.ema is not None,
-        }
-        path = self.run_dir / "final.pth"
-        ckpt.save_atomic(final, path)
-        return path
+        final = FinalWeights(
+            state_dict=ckpt.export_weights(model), model_name=self.cfg.model.name,
+            num_classes=self.inputs.num_classes,
+            pretrained_cfg=pretrained_cfg_for(self.model, self.cfg, self.inputs.num_classes),
+            model_kwargs={"aa_layer": "blurpool"} if self.cfg.model.blurpool else {},
+            classes=self.inputs.classes, epochs=self.epoch, ema=self.ema is not None)
+        return final.save(self.run_dir / "final.pth")
 
 
 # ---------------------------------------------------------------------------------------------
 # Entry points
 # ---------------------------------------------------------------------------------------------
-def run(cfg: PretrainConfig, preempt: PreemptionFlag | None = None) -> str:
-    """Train (or resume) the run described by ``cfg``; returns 'finished', 'preempted' or 'done before'."""
-    plan = check_inputs(cfg)  # every rank checks; errors before any loader/worker exists
-    return run_stage(cfg, plan, lambda env, device, flag: Trainer(cfg, plan, env, device, flag), preempt)
+def run(cfg: PretrainConfig, preempt: PreemptionFlag | None = None) -> RunStatus:
+    """Train (or resume) the run described by ``cfg``."""
+    inputs = check_inputs(cfg)  # every rank checks; errors before any loader/worker exists
+    return run_stage(cfg, inputs.run, lambda env, device, flag: Trainer(cfg, inputs, env, device, flag), preempt)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -525,11 +463,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         cfg = load_config(PretrainConfig, args.config, args.overrides)
-        status = run(cfg)
+        run(cfg)
     except (ConfigError, ckpt.CheckpointError, NonFiniteLossError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    return 0 if status in ("finished", "done before", "preempted") else 1
+    return 0
 
 
 if __name__ == "__main__":

@@ -20,7 +20,6 @@ import torch
 from torch import nn
 
 __all__ = [
-    "WEIGHTS_FORMAT",
     "WeightsMismatchError",
     "read_state_dict",
     "mismatch_report",
@@ -28,7 +27,6 @@ __all__ = [
     "model_name_of",
 ]
 
-WEIGHTS_FORMAT = "lkm-weights-v1"
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 _SHOW = 8  # keys listed per kind of mismatch; the rest are counted
 

@@ -83,6 +83,24 @@ def meta_path(beton: str | Path) -> Path:
     return Path(beton).with_suffix(".json")
 
 
+def read_meta(beton: str | Path) -> dict:
+    """The JSON written beside ``beton`` by ``backbone.write_beton`` (class map, counts, settings)."""
+    beton = Path(beton)
+    if not beton.is_file():
+        raise FileNotFoundError(
+            f"{beton} not found; write it with: "
+            f"python -m backbone.write_beton --data-dir SPLIT_DIR --out {beton}"
+        )
+    meta = meta_path(beton)
+    if not meta.is_file():
+        raise FileNotFoundError(
+            f"{meta} (the class map written beside {beton.name}) is missing; it is written by "
+            f"python -m backbone.write_beton, rewrite the .beton with it (--overwrite)"
+        )
+    with meta.open() as f:
+        return json.load(f)
+
+
 def _is_image(path: Path) -> bool:
     return path.suffix.lower() in IMG_EXTENSIONS
 

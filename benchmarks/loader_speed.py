@@ -33,8 +33,6 @@ from torch.utils.data import DataLoader
 from torchvision import datasets
 from torchvision.transforms import v2
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
-
 from backbone.data import IMAGENET_MEAN, IMAGENET_STD, make_train_loader  # noqa: E402
 from backbone.write_beton import WriterSettings, write_beton  # noqa: E402
 

@@ -1,36 +1,62 @@
-"""Training checkpoints in a run directory: atomic writes, discovery, RNG state, safe resume.
+"""Files a run writes that hold weights: atomic writes, checked contents, rotation, RNG state, safe resume.
 
-Files are named ``checkpoint_<step>.pt`` (global optimiser step, zero-padded) so that the
-latest one is the highest number and a new one never replaces an older file: a crash while
-writing leaves the previous checkpoints intact. Writing goes to a temporary file in the same
-directory, is flushed to disk, then renamed over the final name with ``os.replace`` (atomic on
-POSIX), so a reader never sees half a checkpoint. Only the newest ``keep`` are kept.
+Training checkpoints are named ``checkpoint_<step>.pt`` (global optimiser step, zero-padded) so that
+the latest one is the highest number and a new one never replaces an older file. Every file is
+written to a temporary name in the same directory, flushed to disk, then renamed over the final name
+with ``os.replace`` (atomic on POSIX): a reader never sees half a file, a crash while writing leaves
+the previous checkpoints intact, and a temporary file left by a killed process is removed at the next
+start (:func:`remove_stale_temporaries`).
+
+A checkpoint is only written when every floating-point tensor of its weights is finite
+(:func:`nonfinite_tensors`): a diverged run keeps the checkpoints it had, and rotation (the newest
+``keep`` are kept) can then never remove the last good one. Files get the mode the umask gives any
+new file (``tempfile`` would leave them 0600).
 """
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import random
 import re
+import shutil
 import tempfile
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from . import distributed as distrib
+
 log = logging.getLogger(__name__)
 
 CHECKPOINT_RE = re.compile(r"^checkpoint_(\d+)\.pt$")
+_TEMPORARY_RE = re.compile(r"^\..+\.tmp$")
 
 
 class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be used for this run (other model, unreadable file...)."""
+    """A checkpoint that cannot be used or written (other model, unreadable file, full disk...)."""
+
+
+class NonFiniteWeightsError(CheckpointError):
+    """Weights with NaN/inf were about to be saved; nothing was written."""
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def save_atomic(obj: Any, path: str | Path) -> Path:
-    """``torch.save`` to ``path`` through a temporary file + ``os.replace``."""
+    """``torch.save`` to ``path`` through a temporary file + ``os.replace``; mode from the umask.
+
+    A full disk raises :class:`CheckpointError` saying how much the file needed and how much was free;
+    ``path`` is then untouched and no temporary file stays behind.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -39,11 +65,50 @@ def save_atomic(obj: Any, path: str | Path) -> Path:
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
+    except OSError as e:
+        Path(tmp).unlink(missing_ok=True)
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            free = shutil.disk_usage(path.parent).free
+            raise CheckpointError(
+                f"disk full while writing {path}: it needs about {_mib(_state_bytes(obj))} and {path.parent} has "
+                f"{_mib(free)} free. Free some space (older runs, *.beton copies) and start the same command again: "
+                "the previous checkpoint is intact and the run resumes from it.") from None
+        raise
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.0f} MiB"
+
+
+def _state_bytes(obj: Any) -> int:
+    """Bytes of the tensors in a (nested) checkpoint: what writing it needs, roughly."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, Mapping):
+        return sum(_state_bytes(v) for v in obj.values())
+    if isinstance(obj, list | tuple):
+        return sum(_state_bytes(v) for v in obj)
+    return 0
+
+
+def nonfinite_tensors(state_dict: Mapping[str, Any]) -> list[str]:
+    """Names of the floating-point tensors of ``state_dict`` holding NaN or inf."""
+    return [k for k, v in state_dict.items()
+            if isinstance(v, torch.Tensor) and v.is_floating_point() and not bool(torch.isfinite(v).all())]
+
+
+def check_finite(weights: Iterable[tuple[str, Mapping[str, Any]]], what: str) -> None:
+    """Raise :class:`NonFiniteWeightsError` naming ``what`` and the tensors when any weight is NaN/inf."""
+    bad = [f"{name}.{k}" if name else k for name, sd in weights for k in nonfinite_tensors(sd)]
+    if bad:
+        shown = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
+        raise NonFiniteWeightsError(f"{what} not written: {len(bad)} weight tensor(s) hold NaN/inf ({shown})")
 
 
 def checkpoint_path(run_dir: str | Path, step: int) -> Path:
@@ -64,15 +129,29 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
     return found[-1] if found else None
 
 
-def save_checkpoint(state: dict[str, Any], run_dir: str | Path, step: int, keep: int = 2) -> Path:
-    """Write ``state`` as the checkpoint of ``step``; then drop all but the newest ``keep``.
+def remove_stale_temporaries(run_dir: str | Path) -> list[Path]:
+    """Delete ``.<name>.<random>.tmp`` files that a killed writer left in ``run_dir``; return them."""
+    run_dir = Path(run_dir)
+    stale = [p for p in run_dir.iterdir() if _TEMPORARY_RE.match(p.name)] if run_dir.is_dir() else []
+    for p in stale:
+        p.unlink(missing_ok=True)
+    if stale:
+        log.info("removed %d temporary file(s) left by an interrupted write in %s", len(stale), run_dir)
+    return stale
 
-    A checkpoint for this step that already exists is left as it is (same step, same state:
-    e.g. a preemption signal right after the end-of-epoch checkpoint).
+
+def save_checkpoint(state: dict[str, Any], run_dir: str | Path, step: int, keep: int = 2,
+                    weights_keys: tuple[str, ...] = ("model", "model_ema")) -> Path:
+    """Write ``state`` as the checkpoint of ``step``, then drop all but the newest ``keep``.
+
+    The tensors under ``weights_keys`` must be finite (else :class:`NonFiniteWeightsError`, nothing
+    written, nothing rotated). A checkpoint for this step that already exists is left as it is (same
+    step, same state: e.g. a preemption signal right after the end-of-epoch checkpoint).
     """
     path = checkpoint_path(run_dir, step)
     if path.exists():
         return path
+    check_finite(((k, state[k]) for k in weights_keys if isinstance(state.get(k), Mapping)), f"checkpoint {path}")
     save_atomic(state, path)
     for old in list_checkpoints(run_dir)[:-keep] if keep > 0 else []:
         old.unlink(missing_ok=True)
@@ -89,12 +168,16 @@ def load_checkpoint(path: str | Path, expect: dict[str, Any] | None = None) -> d
     try:
         state = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as e:  # noqa: BLE001 - any unpickling failure means the same thing here
-        raise CheckpointError(f"cannot read checkpoint {path}: {e}. Delete it to restart from the "
-                              "previous checkpoint, or choose another run directory.") from e
+        raise CheckpointError(_unreadable(path, e)) from e
     if not isinstance(state, dict):
         raise CheckpointError(f"{path} is not a training checkpoint (holds a {type(state).__name__})")
     check_compatible(state, path, expect or {})
     return state
+
+
+def _unreadable(path: Path, e: BaseException) -> str:
+    return (f"cannot read checkpoint {path} ({type(e).__name__}: {e}). It is damaged (a kill or a full disk "
+            "while writing?): delete it to resume from the checkpoint before it, or choose another run.dir.")
 
 
 def check_compatible(state: dict[str, Any], path: str | Path, expect: dict[str, Any]) -> None:
@@ -109,8 +192,20 @@ def check_compatible(state: dict[str, Any], path: str | Path, expect: dict[str, 
 
 def peek_checkpoint(path: str | Path) -> dict[str, Any]:
     """The small metadata entries of a checkpoint (everything but tensors and optimiser state)."""
-    state = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    path = Path(path)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    except Exception as e:  # noqa: BLE001 - truncated, empty or foreign file
+        raise CheckpointError(_unreadable(path, e)) from e
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path} is not a training checkpoint (holds a {type(state).__name__})")
     return {k: v for k, v in state.items() if isinstance(v, str | int | float | bool) or k == "config"}
+
+
+def export_weights(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The module's state dict as contiguous CPU copies (what a weights file holds)."""
+    return {k: v.detach().to("cpu", memory_format=torch.contiguous_format).clone()
+            for k, v in module.state_dict().items()}
 
 
 def capture_rng_state() -> dict[str, Any]:
@@ -131,6 +226,15 @@ def capture_rng_state() -> dict[str, Any]:
     return state
 
 
+def gather_rng_states(world_size: int) -> list[dict[str, Any]]:
+    """Every rank's :func:`capture_rng_state`, in rank order (a collective: all ranks call it)."""
+    if not distrib.is_initialized():
+        return [capture_rng_state()]
+    states: list[Any] = [None] * world_size
+    torch.distributed.all_gather_object(states, capture_rng_state())
+    return states
+
+
 def restore_rng_state(state: dict[str, Any]) -> None:
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
@@ -145,3 +249,14 @@ def restore_rng_state(state: dict[str, Any]) -> None:
         else:
             log.warning("checkpoint has CUDA RNG state for %d devices, this process sees %d: not restored",
                         len(cuda), torch.cuda.device_count())
+
+
+def restore_rank_rng(states: list[dict[str, Any]], rank: int, world_size: int) -> bool:
+    """Restore this rank's RNG from a checkpoint's per-rank states; False (and a warning) when the
+    checkpoint was written by another number of processes."""
+    if len(states) != world_size:
+        log.warning("checkpoint was written by %d processes, this run has %d: RNG states not restored",
+                    len(states), world_size)
+        return False
+    restore_rng_state(states[rank])
+    return True

@@ -32,5 +32,5 @@ def macs_by_module(model: nn.Module, input_shape: tuple[int, ...]) -> dict[str, 
 
 
 def count_params(module: nn.Module) -> int:
-    """Number of parameters (trainable or not; buffers excluded)."""
+    """Number of parameters (trainable or not; buffers excluded); works on the meta device too."""
     return sum(p.numel() for p in module.parameters())

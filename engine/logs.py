@@ -73,12 +73,13 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
 
 
 class Progress:
-    """Wraps an iterable: tqdm bar on a TTY, else a summary line every ``every_s`` seconds.
+    """Progress of a loop: tqdm bar on a TTY, else a summary line every ``every_s`` seconds.
 
+    Iterate it over an iterable, or call :meth:`advance` per item and :meth:`close` at the end;
     ``update(**values)`` sets what is shown (loss, lr, images/s...).
     """
 
-    def __init__(self, iterable: Iterable[T], total: int | None, desc: str, enabled: bool = True,
+    def __init__(self, iterable: Iterable[T] | None, total: int | None, desc: str, enabled: bool = True,
                  every_s: float = 30.0, logger: logging.Logger | None = None, initial: int = 0):
         self.iterable = iterable
         self.total = total
@@ -90,6 +91,7 @@ class Progress:
         self.count = initial
         self.tty = enabled and sys.stderr.isatty()
         self.bar = tqdm(total=total, desc=desc, initial=initial, dynamic_ncols=True) if self.tty else None
+        self._last, self._shown, self._closed = time.monotonic(), "", False
 
     def update(self, **values: Any) -> None:
         self.values.update(values)
@@ -101,22 +103,33 @@ class Progress:
         vals = " ".join(f"{k}={_fmt(v)}" for k, v in self.values.items())
         return f"{self.desc} {self.count}{of} {vals}".rstrip()
 
+    def advance(self, n: int = 1) -> None:
+        """``n`` more items done."""
+        self.count += n
+        if self.bar is not None:
+            self.bar.update(n)
+        elif self.enabled and time.monotonic() - self._last >= self.every_s:
+            self._shown = self._line()
+            self.log.info(self._shown)
+            self._last = time.monotonic()
+
+    def close(self) -> None:
+        """Close the bar, or log the final line (unless it was just shown)."""
+        if self._closed:
+            return
+        self._closed = True
+        if self.bar is not None:
+            self.bar.close()
+        elif self.enabled and self._line() != self._shown:
+            self.log.info(self._line())
+
     def __iter__(self) -> Iterator[T]:
-        last, shown = time.monotonic(), ""
         try:
-            for item in self.iterable:
+            for item in self.iterable or ():
                 yield item
-                self.count += 1
-                if self.bar is not None:
-                    self.bar.update(1)
-                elif self.enabled and time.monotonic() - last >= self.every_s:
-                    self.log.info(self._line())
-                    last, shown = time.monotonic(), self._line()
+                self.advance()
         finally:
-            if self.bar is not None:
-                self.bar.close()
-            elif self.enabled and self._line() != shown:
-                self.log.info(self._line())
+            self.close()
 
 
 def _fmt(v: Any) -> str:

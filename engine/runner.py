@@ -1,42 +1,89 @@
 """The life of one training run, shared by pretraining and fine-tuning.
 
-Both stages do the same around their own train loop: check the run before anything starts,
-create the run directory and its log, record the resolved config (a resume adds its own copy,
-nothing is replaced), set determinism, pick the device, install the SLURM signal handler, join
-the process group, fit, write ``final.pth`` on rank 0, and tear everything down again so that
-in-process callers (tests, notebooks) get their state back.
+Both stages do the same around their own training: inspect the run directory before anything
+starts (:func:`inspect_run_dir`), create it and its log, record the resolved config (``config.yaml``
+always describes the attempt that is running; earlier attempts' configs are kept beside it), set
+determinism, pick the device, install the SLURM signal handler, join the process group, fit, write
+the final weights on rank 0, and tear everything down again so that in-process callers (tests,
+notebooks) get their state back.
 """
 from __future__ import annotations
 
+import enum
 import logging
-import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
 import torch
+import yaml
 
+from . import checkpoint as ckpt
 from . import distributed as distrib
-from .config import dump_config
+from .config import ConfigError, to_dict
 from .logs import setup_logging
 from .preemption import PreemptionFlag
 
 log = logging.getLogger("engine.runner")
+
+FINAL_NAME = "final.pth"
+CONFIG_NAME = "config.yaml"
+
+
+class RunStatus(enum.StrEnum):
+    """How a call of a stage ended (a str, so ``status == "finished"`` reads naturally)."""
+
+    FINISHED = "finished"
+    PREEMPTED = "preempted"  # a signal arrived: checkpoint written, job requeued
+    DONE_BEFORE = "done before"  # the run directory already held the final weights
 
 
 class NonFiniteLossError(RuntimeError):
     """The loss became NaN/inf: the run stops, and its last good checkpoint stays the latest."""
 
 
-class RunPlan(Protocol):
-    already_finished: bool
-    resume_from: Path | None
+@dataclass(frozen=True)
+class RunDirState:
+    """What a run directory holds before a run starts."""
+
+    resume_from: Path | None  # the latest checkpoint (checked against this run's identity)
+    finished: bool  # final weights are there
 
 
 class StageTrainer(Protocol):
-    def fit(self) -> str: ...
+    def fit(self) -> RunStatus: ...
 
     def write_final(self) -> Path: ...
+
+
+def inspect_run_dir(run_dir: str | Path, expect: dict[str, Any]) -> RunDirState:
+    """The latest checkpoint (which must match ``expect``, e.g. model name and format) and whether the run
+    finished. Raises CheckpointError (another network's checkpoint, an unreadable one) or ConfigError
+    (final weights without any checkpoint: not a run directory of this trainer); nothing is written."""
+    run_dir = Path(run_dir)
+    latest = ckpt.latest_checkpoint(run_dir)
+    if latest is not None:
+        ckpt.check_compatible(ckpt.peek_checkpoint(latest), latest, expect)
+    final = run_dir / FINAL_NAME
+    if final.exists() and latest is None:
+        raise ConfigError(f"{final} exists without a checkpoint beside it: not a run directory this trainer "
+                          "can resume; choose another run.dir")
+    return RunDirState(latest, final.exists())
+
+
+def record_config(cfg: Any, run_dir: Path) -> Path:
+    """Write ``config.yaml`` for this attempt; an earlier attempt's differing one becomes ``config.attempt<N>.yaml``."""
+    path = run_dir / CONFIG_NAME
+    text = yaml.safe_dump(to_dict(cfg), sort_keys=False)
+    if path.exists() and path.read_text() != text:
+        n = 1
+        while (run_dir / f"config.attempt{n}.yaml").exists():
+            n += 1
+        path.rename(run_dir / f"config.attempt{n}.yaml")
+        log.info("the recipe changed since the last attempt: its config is kept as config.attempt%d.yaml", n)
+    path.write_text(text)
+    return path
 
 
 def set_deterministic(on: bool) -> None:
@@ -47,27 +94,27 @@ def set_deterministic(on: bool) -> None:
 
 def run_stage(
     cfg: Any,
-    plan: RunPlan,
+    state: RunDirState,
     make_trainer: Callable[[distrib.DistEnv, torch.device, PreemptionFlag], StageTrainer],
     preempt: PreemptionFlag | None = None,
-) -> str:
-    """Run (or resume) a planned run; returns 'finished', 'preempted' or 'done before'.
+) -> RunStatus:
+    """Run (or resume) a checked run.
 
-    ``cfg`` needs ``run.dir``, ``train.deterministic`` and ``train.device``; ``plan`` comes from the
-    stage's own checks, made on every rank before any loader or worker exists.
+    ``cfg`` needs ``run.dir``, ``train.deterministic`` and ``train.device``; ``state`` comes from the
+    stage's own checks (:func:`inspect_run_dir` among them), made on every rank before any loader or
+    worker exists.
     """
     env = distrib.detect_env()
     run_dir = Path(cfg.run.dir)
     setup_logging(env.rank)
-    if plan.already_finished:
-        log.info("%s already holds final.pth: nothing to do", run_dir)
-        return "done before"
+    if state.finished:
+        log.info("%s already holds %s: nothing to do", run_dir, FINAL_NAME)
+        return RunStatus.DONE_BEFORE
     if env.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         setup_logging(env.rank, log_file=run_dir / "train.log")
-        name = "config.yaml" if plan.resume_from is None else f"config.resume_{int(time.time())}.yaml"
-        if not (run_dir / name).exists():
-            dump_config(cfg, run_dir / name)
+        ckpt.remove_stale_temporaries(run_dir)
+        record_config(cfg, run_dir)
     log.info("process %d/%d (local %d) via %s", env.rank, env.world_size, env.local_rank, env.source)
     was_deterministic = torch.are_deterministic_algorithms_enabled()
     set_deterministic(cfg.train.deterministic)
@@ -78,7 +125,7 @@ def run_stage(
     try:
         trainer = make_trainer(env, device, preempt)
         status = trainer.fit()
-        if status == "finished" and env.is_main:
+        if status is RunStatus.FINISHED and env.is_main:
             log.info("finished: %s", trainer.write_final())
         distrib.barrier()
         return status

@@ -8,6 +8,8 @@
 """
 from __future__ import annotations
 
+import dataclasses
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -15,12 +17,76 @@ import torch
 from torch import nn
 
 from backbone.weights import WeightsMismatchError, read_state_dict
+from engine import checkpoint as ckpt
 from segmentation.network import build_segmentation_model
 
-__all__ = ["SEG_TRAIN_FORMAT", "SEG_WEIGHTS_FORMAT", "load_model"]
+__all__ = ["SEG_TRAIN_FORMAT", "SEG_WEIGHTS_FORMAT", "FinetuneCheckpoint", "FinetuneWeights", "identity",
+           "load_model"]
 
 SEG_TRAIN_FORMAT = "lkm-seg-train-v1"
 SEG_WEIGHTS_FORMAT = "lkm-seg-weights-v1"
+
+
+def identity(dataset: str, model_args: dict[str, Any]) -> dict[str, Any]:
+    """What a checkpoint must match to be resumed: flat scalars, which ``engine.checkpoint.peek_checkpoint``
+    reads without loading tensors."""
+    return {"format": SEG_TRAIN_FORMAT, "dataset": dataset, **model_args}
+
+
+def _plain(obj: Any) -> dict[str, Any]:
+    return {f.name: getattr(obj, f.name) for f in dataclasses.fields(obj)}
+
+
+@dataclass
+class FinetuneCheckpoint:
+    """A training checkpoint of ``segmentation.finetune``."""
+
+    dataset: str
+    model_args: dict[str, Any]  # build_segmentation_model keywords
+    classes: list[str]
+    config: dict[str, Any]
+    model: dict[str, torch.Tensor]
+    optimizer: dict[str, Any]
+    step: int
+    epoch: int
+    step_in_epoch: int
+    total_steps: int
+    global_batch: int
+    world_size: int
+    rng: list[dict[str, Any]]
+    last_val: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**identity(self.dataset, self.model_args), **_plain(self)}
+
+    def save(self, run_dir: Path, keep: int) -> Path:
+        """``run_dir/checkpoint_<step>.pt`` (finite weights only), keeping the newest ``keep``."""
+        return ckpt.save_checkpoint(self.to_dict(), run_dir, self.step, keep=keep)
+
+    @classmethod
+    def load(cls, path: Path, expect: dict[str, Any]) -> FinetuneCheckpoint:
+        state = ckpt.load_checkpoint(path, expect)
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in state.items() if k in names})
+
+
+@dataclass
+class FinetuneWeights:
+    """``final.pth`` of a fine-tuning run: the weights and what rebuilds and evaluates the network."""
+
+    dataset: str
+    model_args: dict[str, Any]
+    classes: list[str]
+    config: dict[str, Any]
+    state_dict: dict[str, torch.Tensor]
+    iterations: int
+    val: dict[str, Any] = field(default_factory=dict)
+
+    def save(self, path: Path) -> Path:
+        """Write atomically; refuses weights with NaN/inf (``engine.checkpoint.NonFiniteWeightsError``)."""
+        ckpt.check_finite([("", self.state_dict)], f"final weights {path}")
+        record = {**identity(self.dataset, self.model_args), **_plain(self), "format": SEG_WEIGHTS_FORMAT}
+        return ckpt.save_atomic(record, path)
 
 
 def load_model(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:

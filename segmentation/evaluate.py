@@ -31,9 +31,6 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-if __name__ == "__main__" and not __package__:  # run as a file: the repository, not this folder, on sys.path
-    sys.path[0] = str(Path(__file__).resolve().parents[1])
-
 from backbone.weights import WeightsMismatchError
 from engine import distributed as distrib
 from engine.logs import Progress, setup_logging
@@ -118,22 +115,44 @@ def save_prediction(path: Path, pred: np.ndarray, palette: np.ndarray) -> None:
     im.save(path)
 
 
+class _EvalImages(torch.utils.data.Dataset):
+    """``(index, normalised image, label)`` of some images of a data set, read in loader workers."""
+
+    def __init__(self, dataset: SegmentationDataset, indices: Sequence[int]) -> None:
+        self.dataset, self.indices, self.to_input = dataset, list(indices), eval_transform()
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> tuple[int, torch.Tensor, torch.Tensor]:
+        index = self.indices[i]
+        image, label = self.to_input(*self.dataset.load(index))
+        return index, image.as_subclass(torch.Tensor), label.as_subclass(torch.Tensor)
+
+
+def _single(batch: list[Any]) -> Any:
+    return batch[0]  # images differ in size: one per batch, no stacking
+
+
 def evaluate_dataset(model: nn.Module, dataset: SegmentationDataset, device: torch.device, *,
                      scales: Sequence[float] = (1.0,), flip: bool = False, window: int = 0,
                      overlap: float = 1 / 3, boundary_width: int = 5, amp_dtype: torch.dtype | None = None,
                      memory_format: torch.memory_format = torch.contiguous_format, max_images: int = 0,
                      save_png: Path | None = None, palette: np.ndarray | None = None,
-                     env: distrib.DistEnv | None = None, progress_every_s: float = 30.0) -> dict[str, Any]:
-    """Scores of ``model`` on ``dataset`` (images one by one, sharded over ranks, counts all-reduced)."""
+                     env: distrib.DistEnv | None = None, progress_every_s: float = 30.0,
+                     num_workers: int = 2) -> dict[str, Any]:
+    """Scores of ``model`` on ``dataset``: images one by one, decoded by ``num_workers`` loader processes,
+    sharded over ranks, counts all-reduced."""
     env = env or distrib.DistEnv()
     was_training = model.training
     model.eval()
     metrics = SegmentationMetrics(dataset.num_classes, boundary_width, device=device)
     n = min(len(dataset), max_images) if max_images > 0 else len(dataset)
     mine = range(env.rank, n, env.world_size)
-    to_input = eval_transform()
-    for i in Progress(mine, len(mine), "evaluate", enabled=env.is_main, every_s=progress_every_s, logger=log):
-        image, label = to_input(*dataset.load(i))
+    loader = torch.utils.data.DataLoader(_EvalImages(dataset, mine), batch_size=1, collate_fn=_single,
+                                         num_workers=min(num_workers, len(mine)), pin_memory=device.type == "cuda")
+    for i, image, label in Progress(loader, len(mine), "evaluate", enabled=env.is_main, every_s=progress_every_s,
+                                    logger=log):
         x = image[None].to(device, non_blocking=True).contiguous(memory_format=memory_format)
         pred = predict(model, x, scales, flip, window, overlap, amp_dtype).argmax(1)[0]
         label = label.to(device)
@@ -179,6 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--save-png", type=Path, default=None, help="write colour prediction PNGs to this folder")
     p.add_argument("--out", type=Path, default=None,
                    help="JSON with all figures (default: eval_<split>[_ms][_flip].json beside the checkpoint)")
+    p.add_argument("--workers", type=int, default=2, help="data loader processes decoding images (0: in this one)")
     p.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto")
     return p
 
@@ -216,7 +236,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                   overlap=overlap, boundary_width=args.boundary_width,
                                   amp_dtype=torch.bfloat16 if on_gpu else None, memory_format=fmt,
                                   max_images=args.max_images, save_png=args.save_png,
-                                  palette=palette_for(dataset_name), env=env)
+                                  palette=palette_for(dataset_name), env=env, num_workers=args.workers)
     except DatasetError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -21,10 +21,8 @@ what ``segmentation.evaluate`` needs). Starting again with the same directory re
 """
 from __future__ import annotations
 
-import itertools
 import logging
 import sys
-import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,14 +41,16 @@ from backbone.weights import WeightsMismatchError, load_weights
 from engine import checkpoint as ckpt
 from engine import distributed as distrib
 from engine.config import ConfigError, argument_parser, describe_keys, load_config, to_dict
-from engine.logs import MetricsWriter, Progress
+from engine.logs import MetricsWriter
+from engine.loop import TrainLoop
 from engine.preemption import PreemptionFlag
-from engine.runner import NonFiniteLossError, run_stage
-from segmentation.artifacts import SEG_TRAIN_FORMAT, SEG_WEIGHTS_FORMAT
+from engine.runner import NonFiniteLossError, RunDirState, RunStatus, inspect_run_dir, run_stage
+from segmentation.artifacts import FinetuneCheckpoint, FinetuneWeights, identity
 from segmentation.datasets import (
     DATASETS,
     IGNORE_INDEX,
     DatasetError,
+    Sample,
     SegmentationDataset,
     build_samples,
     dataset_info,
@@ -166,8 +166,7 @@ def model_args(cfg: FinetuneConfig) -> dict[str, Any]:
 
 def expected_identity(cfg: FinetuneConfig) -> dict[str, Any]:
     """What a checkpoint in ``run.dir`` must match to be resumed by this run."""
-    # flat scalars: ckpt.peek_checkpoint reads those (and not nested dicts) without loading tensors
-    return {"format": SEG_TRAIN_FORMAT, "dataset": cfg.data.dataset, **model_args(cfg)}
+    return identity(cfg.data.dataset, model_args(cfg))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -222,10 +221,11 @@ class EpochSampler(torch.utils.data.Sampler):
 # ---------------------------------------------------------------------------------------------
 @dataclass
 class FinetuneInputs:
-    train: list
-    val: list
-    resume_from: Path | None
-    already_finished: bool
+    """What the checks found: the training and validation samples and the state of the run directory."""
+
+    train: list[Sample]
+    val: list[Sample]
+    run: RunDirState
 
 
 def check_inputs(cfg: FinetuneConfig) -> FinetuneInputs:
@@ -246,15 +246,7 @@ def check_inputs(cfg: FinetuneConfig) -> FinetuneInputs:
         path = getattr(cfg.model, key)
         if path and not path.startswith("timm") and not Path(path).is_file():
             raise ConfigError(f"model.{key}: {path} does not exist")
-    run_dir = Path(cfg.run.dir)
-    latest = ckpt.latest_checkpoint(run_dir)
-    if latest is not None:
-        ckpt.check_compatible(ckpt.peek_checkpoint(latest), latest, expected_identity(cfg))
-    finished = (run_dir / "final.pth").exists()
-    if finished and latest is None:
-        raise ConfigError(f"{run_dir / 'final.pth'} exists without a checkpoint beside it: not a run directory "
-                          "this trainer can resume; choose another run.dir")
-    return FinetuneInputs(train, val, latest, finished)
+    return FinetuneInputs(train, val, inspect_run_dir(cfg.run.dir, expected_identity(cfg)))
 
 
 def build_model(cfg: FinetuneConfig) -> nn.Module:
@@ -274,9 +266,9 @@ def build_model(cfg: FinetuneConfig) -> nn.Module:
 # The trainer
 # ---------------------------------------------------------------------------------------------
 class Finetuner:
-    def __init__(self, cfg: FinetuneConfig, plan: FinetuneInputs, env: distrib.DistEnv, device: torch.device,
+    def __init__(self, cfg: FinetuneConfig, inputs: FinetuneInputs, env: distrib.DistEnv, device: torch.device,
                  preempt: PreemptionFlag):
-        self.cfg, self.plan, self.env, self.device, self.preempt = cfg, plan, env, device, preempt
+        self.cfg, self.env, self.device = cfg, env, device
         self.run_dir = Path(cfg.run.dir)
         self.on_gpu = device.type == "cuda"
         self.amp_dtype = torch.bfloat16 if self.on_gpu and cfg.train.amp else None
@@ -296,9 +288,9 @@ class Finetuner:
         self.criterion = nn.CrossEntropyLoss(ignore_index=IGNORE_INDEX, reduction="sum")
 
         d = cfg.data
-        self.train_set = SegmentationDataset(plan.train, self.num_classes, train_transform(
+        self.train_set = SegmentationDataset(inputs.train, self.num_classes, train_transform(
             d.crop_size, (d.scale_min, d.scale_max), d.hflip))
-        self.val_set = SegmentationDataset(plan.val, self.num_classes)
+        self.val_set = SegmentationDataset(inputs.val, self.num_classes)
         self.sampler = EpochSampler(len(self.train_set), d.batch_size, env.rank, env.world_size, cfg.train.seed)
         if self.sampler.steps_per_epoch == 0:
             raise ConfigError(f"{d.dataset}/{d.train_split} has {len(self.train_set)} images, fewer than one "
@@ -310,63 +302,63 @@ class Finetuner:
         self.global_batch = d.batch_size * env.world_size
         self.total = cfg.train.iterations or max(1, round(cfg.train.epochs * self.sampler.steps_per_epoch))
 
-        self.step, self.epoch, self.step_in_epoch = 0, 0, 0
+        self.epoch, self.step_in_epoch = 0, 0
         self.last_val: dict[str, Any] = {}
-        self.metrics = MetricsWriter(self.run_dir / "metrics.jsonl", enabled=env.is_main)
-        if plan.resume_from is not None:
-            self.resume(plan.resume_from)
+        self.loop = TrainLoop(
+            env=env, device=device, preempt=preempt,
+            metrics=MetricsWriter(self.run_dir / "metrics.jsonl", enabled=env.is_main), logger=log, save=self.save,
+            run_dir=self.run_dir, total_steps=self.total, check_every=cfg.run.check_every_steps,
+            checkpoint_every=cfg.run.checkpoint_every, log_every_s=cfg.run.log_every_s,
+            nonfinite_hint="Lower optim.lr (or optim.head_lr_mult) or check the data")
+        if inputs.run.resume_from is not None:
+            self.resume(inputs.run.resume_from)
 
     # --- checkpoints --------------------------------------------------------------------------
-    def meta(self) -> dict[str, Any]:
-        return {**expected_identity(self.cfg), "model_args": model_args(self.cfg), "classes": list(self.classes),
-                "config": to_dict(self.cfg)}
-
-    def save(self) -> None:
-        rng = [None] * self.env.world_size
-        if distrib.is_initialized():
-            torch.distributed.all_gather_object(rng, ckpt.capture_rng_state())
-        else:
-            rng = [ckpt.capture_rng_state()]
+    def save(self) -> Path | None:
+        """Checkpoint at the current iteration (a collective: every rank takes part in the RNG gather)."""
+        rng = ckpt.gather_rng_states(self.env.world_size)
+        path = None
         if self.env.is_main:
-            state = {**self.meta(), "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                     "step": self.step, "epoch": self.epoch, "step_in_epoch": self.step_in_epoch,
-                     "total_steps": self.total, "global_batch": self.global_batch,
-                     "world_size": self.env.world_size, "rng": rng, "last_val": self.last_val}
-            path = ckpt.save_checkpoint(state, self.run_dir, self.step, keep=self.cfg.run.keep_checkpoints)
-            log.info("checkpoint: %s (iteration %d/%d)", path, self.step, self.total)
+            state = FinetuneCheckpoint(
+                dataset=self.cfg.data.dataset, model_args=model_args(self.cfg), classes=list(self.classes),
+                config=to_dict(self.cfg), model=self.model.state_dict(), optimizer=self.optimizer.state_dict(),
+                step=self.loop.step, epoch=self.epoch, step_in_epoch=self.step_in_epoch, total_steps=self.total,
+                global_batch=self.global_batch, world_size=self.env.world_size, rng=rng, last_val=self.last_val)
+            path = state.save(self.run_dir, keep=self.cfg.run.keep_checkpoints)
+            log.info("checkpoint: %s (iteration %d/%d)", path, self.loop.step, self.total)
         distrib.barrier()
+        return path
 
     def resume(self, path: Path) -> None:
-        state = ckpt.load_checkpoint(path, expected_identity(self.cfg))
-        if state["global_batch"] != self.global_batch or state["total_steps"] != self.total:
+        state = FinetuneCheckpoint.load(path, expected_identity(self.cfg))
+        if state.global_batch != self.global_batch or state.total_steps != self.total:
             raise ckpt.CheckpointError(
-                f"{path} was trained with a global batch of {state['global_batch']} for {state['total_steps']} "
+                f"{path} was trained with a global batch of {state.global_batch} for {state.total_steps} "
                 f"iterations; this run has {self.global_batch} (data.batch_size x {self.env.world_size} "
                 f"processes) for {self.total}: resume with the same settings, or use another run.dir")
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.step, self.epoch, self.step_in_epoch = state["step"], state["epoch"], state["step_in_epoch"]
-        self.last_val = state.get("last_val", {})
-        if len(state["rng"]) == self.env.world_size:
-            ckpt.restore_rng_state(state["rng"][self.env.rank])
-        log.info("resumed from checkpoint %s at iteration %d/%d (epoch %d)", path, self.step, self.total,
+        self.model.load_state_dict(state.model)
+        self.optimizer.load_state_dict(state.optimizer)
+        self.loop.step, self.epoch, self.step_in_epoch = state.step, state.epoch, state.step_in_epoch
+        self.last_val = state.last_val
+        ckpt.restore_rank_rng(state.rng, self.env.rank, self.env.world_size)
+        log.info("resumed from checkpoint %s at iteration %d/%d (epoch %d)", path, state.step, self.total,
                  self.epoch)
 
     def write_final(self) -> Path:
-        sd = {k: v.detach().to("cpu", memory_format=torch.contiguous_format).clone()
-              for k, v in self.model.state_dict().items()}
-        final = {**self.meta(), "format": SEG_WEIGHTS_FORMAT, "state_dict": sd, "iterations": self.step,
-                 "val": self.last_val}
-        path = self.run_dir / "final.pth"
-        ckpt.save_atomic(final, path)
-        return path
+        final = FinetuneWeights(dataset=self.cfg.data.dataset, model_args=model_args(self.cfg),
+                                classes=list(self.classes), config=to_dict(self.cfg),
+                                state_dict=ckpt.export_weights(self.model), iterations=self.loop.step,
+                                val=self.last_val)
+        return final.save(self.run_dir / "final.pth")
 
     # --- loops --------------------------------------------------------------------------------
     def batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Training batches across epochs, from where the run stands (epoch, batch within it)."""
         while True:
             self.sampler.set_epoch(self.epoch, self.step_in_epoch)
-            yield from self.loader
+            for batch in self.loader:
+                self.step_in_epoch += 1
+                yield batch
             self.epoch, self.step_in_epoch = self.epoch + 1, 0
 
     def loss(self, logits: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
@@ -374,85 +366,51 @@ class Finetuner:
         total = self.criterion(logits.float(), masks)
         return total / (masks != IGNORE_INDEX).sum().clamp(min=1)
 
-    def fit(self) -> str:
-        """Train to the end (``'finished'``) or until a signal (``'preempted'``)."""
+    def fit(self) -> RunStatus:
+        """Train to the end, or until a signal (then a checkpoint is on disk and the job requeued)."""
         cfg = self.cfg
         if self.env.is_main:
             log.info("fine-tuning %s + %s on %s/%s (%d images): %d iterations, global batch %d (%d processes), "
                      "%d iterations per epoch, lr %.4g (new layers x%g)", cfg.model.backbone, cfg.model.head,
                      cfg.data.dataset, cfg.data.train_split, len(self.train_set), self.total, self.global_batch,
                      self.env.world_size, self.sampler.steps_per_epoch, cfg.optim.lr, cfg.optim.head_lr_mult)
-        if self.step >= self.total:
-            return "finished"
         self.model.train()
-        bad = torch.zeros((), device=self.device, dtype=torch.bool)
-        loss_sum = torch.zeros((), device=self.device)
-        n_logged, t0, images_seen = 0, time.perf_counter(), 0
-        remaining = itertools.islice(self.batches(), self.total - self.step)
-        progress = Progress(remaining, self.total, "fine-tune", enabled=self.env.is_main,
-                            every_s=cfg.run.log_every_s, logger=log, initial=self.step)
-        for images, masks in progress:
-            lr = poly_lr(cfg.optim.lr, self.step, self.total, cfg.optim.power)
-            for group in self.optimizer.param_groups:
-                group["lr"] = lr * group["lr_mult"]
-            images = images.to(self.device, non_blocking=True).contiguous(memory_format=self.memory_format)
-            masks = masks.to(self.device, non_blocking=True)
-            with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
-                                enabled=self.amp_dtype is not None):
-                logits = self.ddp(images)
-            loss = self.loss(logits, masks)
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            self.optimizer.step()
-            self.step, self.step_in_epoch = self.step + 1, self.step_in_epoch + 1
-            loss = loss.detach()
-            bad |= ~torch.isfinite(loss)
-            loss_sum += loss
-            n_logged += 1
-            images_seen += images.shape[0]
+        start = self.loop.step
+        for images, masks in self.loop.steps(self.batches(), length=self.total - start, total=self.total,
+                                             initial=start, desc="fine-tune"):
+            lr = poly_lr(cfg.optim.lr, self.loop.step, self.total, cfg.optim.power)
+            loss = self.train_step(images, masks, lr)
+            self.loop.record(loss, images.shape[0], epoch=self.epoch, lr=lr)
+            step = self.loop.step + 1
+            if step == self.total or (cfg.eval.every and step % cfg.eval.every == 0):
+                self.validate(step)
+        return RunStatus.PREEMPTED if self.loop.preempted else RunStatus.FINISHED
 
-            last = self.step == self.total
-            # A signal may reach the ranks at different steps: they agree through an all-reduce,
-            # which syncs, so multi-process runs look only every check_every_steps steps.
-            periodic = self.step % cfg.run.check_every_steps == 0 or last
-            stop = distrib.any_rank(bool(self.preempt), self.device) if periodic or not self.env.distributed \
-                else False
-            if periodic or stop:
-                if distrib.any_rank(bool(bad.item()), self.device):
-                    raise NonFiniteLossError(
-                        f"non-finite training loss before iteration {self.step}; the run stopped without writing a "
-                        f"new checkpoint. Last good checkpoint: {ckpt.latest_checkpoint(self.run_dir) or 'none'}. "
-                        "Lower optim.lr (or optim.head_lr_mult) or check the data, then start again with the same "
-                        "run.dir to resume from it.")
-                now = time.perf_counter()
-                rate = images_seen * self.env.world_size / max(now - t0, 1e-9)
-                mean_loss = (distrib.all_reduce_sum(loss_sum.clone()) / (n_logged * self.env.world_size)).item()
-                progress.update(loss=mean_loss, lr=lr, epoch=self.epoch + 1, img_s=round(rate, 1))
-                self.metrics.write(kind="train", epoch=self.epoch, step=self.step, loss=mean_loss, lr=lr,
-                                   images_per_s=rate)
-                loss_sum.zero_()
-                n_logged, t0, images_seen = 0, now, 0
-            if stop and not last:  # on the last iteration finishing is quicker than a requeue
-                self.save()
-                self.preempt.hand_over(self.env.is_main)
-                return "preempted"
-            if last or (cfg.eval.every and self.step % cfg.eval.every == 0):
-                self.validate()
-            if last or self.step % cfg.run.checkpoint_every == 0:
-                self.save()
-        return "finished"
+    def train_step(self, images: torch.Tensor, masks: torch.Tensor, lr: float) -> torch.Tensor:
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr * group["lr_mult"]
+        images = images.to(self.device, non_blocking=True).contiguous(memory_format=self.memory_format)
+        masks = masks.to(self.device, non_blocking=True)
+        with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
+                            enabled=self.amp_dtype is not None):
+            logits = self.ddp(images)
+        loss = self.loss(logits, masks)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        return loss
 
-    def validate(self) -> dict[str, Any]:
+    def validate(self, step: int) -> dict[str, Any]:
         e = self.cfg.eval
         scores = evaluate_dataset(self.model, self.val_set, self.device, window=e.window, overlap=e.overlap,
                                   boundary_width=e.boundary_width, amp_dtype=self.amp_dtype,
                                   memory_format=self.memory_format, max_images=e.max_images, env=self.env,
-                                  progress_every_s=self.cfg.run.log_every_s)
-        self.last_val = {k: v for k, v in scores.items()}
-        self.metrics.write(kind="val", epoch=self.epoch, step=self.step, split=self.cfg.data.val_split, **scores)
+                                  progress_every_s=self.cfg.run.log_every_s, num_workers=self.cfg.data.num_workers)
+        self.last_val = dict(scores)
+        self.loop.metrics.write(kind="val", epoch=self.epoch, step=step, split=self.cfg.data.val_split, **scores)
         if self.env.is_main:
             log.info("iteration %d/%d: val mIoU %.2f%%, pixel acc. %.2f%%, boundary acc. %.2f%%, internal acc. "
-                     "%.2f%% (%d images)", self.step, self.total, 100 * scores["miou"], 100 * scores["pixel_acc"],
+                     "%.2f%% (%d images)", step, self.total, 100 * scores["miou"], 100 * scores["pixel_acc"],
                      100 * scores["boundary_acc"], 100 * scores["internal_acc"], scores["images"])
         self.model.train()
         return scores
@@ -461,10 +419,10 @@ class Finetuner:
 # ---------------------------------------------------------------------------------------------
 # Entry points
 # ---------------------------------------------------------------------------------------------
-def run(cfg: FinetuneConfig, preempt: PreemptionFlag | None = None) -> str:
-    """Fine-tune (or resume) the run of ``cfg``; returns 'finished', 'preempted' or 'done before'."""
-    plan = check_inputs(cfg)  # every rank checks; errors before any worker exists
-    return run_stage(cfg, plan, lambda env, device, flag: Finetuner(cfg, plan, env, device, flag), preempt)
+def run(cfg: FinetuneConfig, preempt: PreemptionFlag | None = None) -> RunStatus:
+    """Fine-tune (or resume) the run of ``cfg``."""
+    inputs = check_inputs(cfg)  # every rank checks; errors before any worker exists
+    return run_stage(cfg, inputs.run, lambda env, device, flag: Finetuner(cfg, inputs, env, device, flag), preempt)
 
 
 def parse_args(argv: Sequence[str] | None = None) -> tuple[Path | None, list[str]]:
@@ -484,12 +442,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     config, overrides = parse_args(argv)
     try:
         cfg = load_config(FinetuneConfig, config, overrides)
-        status = run(cfg)
+        run(cfg)
     except (ConfigError, DatasetError, ckpt.CheckpointError, WeightsMismatchError, NonFiniteLossError,
             FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    return 0 if status in ("finished", "done before", "preempted") else 1
+    return 0
 
 
 if __name__ == "__main__":

@@ -24,8 +24,6 @@ parameters for m = 2048 / 1024 / 210, i.e. the table's 75885K / 28505K / 4307K.
 """
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
 
@@ -37,7 +35,6 @@ __all__ = [
     "ConvStack",
     "make_score_head",
     "bilinear_deconv",
-    "count_parameters",
 ]
 
 HEADS = ("baseline", "conv", "stack", "gcn", "gcn_br")
@@ -165,8 +162,3 @@ def bilinear_deconv(channels: int, factor: int = 2) -> nn.ConvTranspose2d:
         for c in range(channels):
             deconv.weight[c, c] = kernel
     return deconv
-
-
-def count_parameters(module: nn.Module) -> int:
-    """Number of parameters of ``module`` (works on the meta device, so huge ablation heads cost nothing)."""
-    return sum(math.prod(p.shape) for p in module.parameters())

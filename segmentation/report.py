@@ -19,8 +19,10 @@ from collections.abc import Iterable, Sequence
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from engine.complexity import count_params
+
 from .heads import GCN as GCNModule
-from .heads import HEADS, ConvScore, ConvStack, count_parameters
+from .heads import HEADS, ConvScore, ConvStack
 from .network import build_segmentation_model
 
 __all__ = [
@@ -49,7 +51,7 @@ def matches_paper(count: int, paper_thousands: int) -> bool:
 
 def _count_on_meta(make) -> int:
     with torch.device("meta"):
-        return count_parameters(make())
+        return count_params(make())
 
 
 def table2() -> list[dict]:
@@ -104,13 +106,13 @@ def network_costs(
             per_module = counter.get_flop_counts()
             total = counter.get_total_flops() // 2
             encoder = sum(per_module.get(f"{type(model).__name__}.encoder", {}).values()) // 2
-            params = count_parameters(model)
+            params = count_params(model)
             rows.append({
                 "backbone": backbone,
                 "head": head,
                 "kernel_size": kernel_size,
                 "params": params,
-                "decoder_params": params - count_parameters(model.encoder),
+                "decoder_params": params - count_params(model.encoder),
                 "gmacs": total / 1e9,
                 "decoder_gmacs": (total - encoder) / 1e9,
             })

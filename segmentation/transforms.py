@@ -11,6 +11,8 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from timm.data import IMAGENET_DEFAULT_MEAN as MEAN
+from timm.data import IMAGENET_DEFAULT_STD as STD
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
@@ -19,8 +21,6 @@ from .datasets import IGNORE_INDEX
 
 __all__ = ["MEAN", "STD", "RandomScale", "PadToSize", "train_transform", "eval_transform"]
 
-MEAN = (0.485, 0.456, 0.406)
-STD = (0.229, 0.224, 0.225)
 MEAN_PIXEL = tuple(round(255 * m) for m in MEAN)  # padding value of uint8 images (0 after normalising)
 
 

@@ -11,8 +11,9 @@ import torch
 from torch import nn
 
 import backbone
+from backbone.artifacts import WEIGHTS_FORMAT
 from backbone.gcn_block import GCNBlock, bottleneck_macs_per_pixel, gcn_macs_per_pixel, matched_branch_width
-from backbone.weights import WEIGHTS_FORMAT, WeightsMismatchError
+from backbone.weights import WeightsMismatchError
 from engine.complexity import macs_by_module
 
 X_SMALL = (2, 3, 64, 64)

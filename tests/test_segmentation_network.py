@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from backbone.weights import WeightsMismatchError
+from engine.complexity import count_params
 from segmentation import report
 from segmentation.heads import (
     GCN,
@@ -18,7 +19,6 @@ from segmentation.heads import (
     ConvScore,
     ConvStack,
     bilinear_deconv,
-    count_parameters,
 )
 from segmentation.network import build_segmentation_model, stage_indices
 
@@ -27,7 +27,7 @@ BACKBONES = ("resnet50", "resnet50_gcn")
 
 def _count(make) -> int:
     with torch.device("meta"):
-        return count_parameters(make())
+        return count_params(make())
 
 
 # --- parameter counts: the paper's Tables 2 and 4 -------------------------------------------------------
@@ -47,8 +47,8 @@ def test_gcn_and_conv_params_match_table2(k):
 def test_stack_params_match_table4(m, paper):
     stack = ConvStack(2048, 21, 7, mid_chs=m).to("meta")
     assert [tuple(c.weight.shape) for c in stack] == [(m, 2048, 3, 3), (m, m, 3, 3), (21, m, 3, 3)]
-    assert report.matches_paper(count_parameters(stack), paper)
-    assert round(count_parameters(stack) / 1000) == paper
+    assert report.matches_paper(count_params(stack), paper)
+    assert round(count_params(stack) / 1000) == paper
 
 
 def test_matches_paper_rejects_a_wrong_structure():

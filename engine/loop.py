@@ -1,0 +1,162 @@
+"""The training-step loop both stages run: everything around ``train_step`` that is not the model's business.
+
+A trainer iterates :meth:`TrainLoop.steps` over its batches, as torchvision's references iterate
+``MetricLogger.log_every(loader)``, and calls :meth:`TrainLoop.record` once per optimiser step::
+
+    for images, labels in self.loop.steps(batches, length=n, desc="epoch 3/88"):
+        loss = self.train_step(images, labels, lr)
+        self.loop.record(loss, images.shape[0], lr=lr, epoch=self.epoch)
+
+Between two batches the loop counts the step and, every ``check_every`` steps (and at the end of the
+batches), does what needs the ranks to agree, since each such check synchronises them:
+
+* **preemption** -- a SLURM signal may reach the ranks at different steps; they agree through an
+  all-reduce, then the checkpoint is written (``save``) *before* the data pipeline is shut down (a
+  drained ffcv epoch can outlast SLURM's grace period) and the job is requeued;
+* **non-finite loss** -- the run stops with :class:`NonFiniteLossError` naming the latest checkpoint
+  (which is finite: ``engine.checkpoint`` writes no other);
+* **throughput and metrics** -- mean loss over the window (all ranks), images per second, one
+  ``kind=train`` record in ``metrics.jsonl`` and the progress line;
+* **checkpoint cadence** -- every ``checkpoint_every`` steps and at the last step of the run.
+
+The batch iterator is closed whenever the loop ends early (``close()`` when it has one), so an ffcv
+epoch is shut down rather than left with its loader thread waiting.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+import torch
+
+from . import checkpoint as ckpt
+from . import distributed as distrib
+from .logs import MetricsWriter, Progress
+from .preemption import PreemptionFlag
+from .runner import NonFiniteLossError, RunStatus
+
+T = TypeVar("T")
+
+
+class _Window:
+    """Sums since the last check: loss (on the device, no sync), steps, images, time waiting for data."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.loss = torch.zeros((), device=device)
+        self.bad = torch.zeros((), device=device, dtype=torch.bool)
+        self.reset()
+
+    def reset(self) -> None:
+        self.loss.zero_()
+        self.steps, self.images, self.data_wait_s = 0, 0, 0.0
+        self.t0 = time.perf_counter()
+
+
+class TrainLoop:
+    """Step counting, cross-rank checks, preemption, non-finite detection, throughput, records, checkpoints."""
+
+    def __init__(self, *, env: distrib.DistEnv, device: torch.device, preempt: PreemptionFlag,
+                 metrics: MetricsWriter, logger: logging.Logger, save: Callable[[], Path | None],
+                 run_dir: Path, step: int = 0, total_steps: int | None = None, check_every: int = 50,
+                 checkpoint_every: int = 0, log_every_s: float = 30.0, nonfinite_hint: str = "") -> None:
+        self.env, self.device, self.preempt, self.metrics, self.log = env, device, preempt, metrics, logger
+        self.save, self.run_dir = save, run_dir
+        self.step, self.total_steps = step, total_steps
+        self.check_every, self.checkpoint_every, self.log_every_s = check_every, checkpoint_every, log_every_s
+        self.nonfinite_hint = nonfinite_hint
+        self.status: RunStatus | None = None  # PREEMPTED once a signal stopped the loop
+        self.last_train: dict[str, Any] = {}  # the latest train record
+        self._window = _Window(device)
+        self._values: dict[str, Any] = {}
+        self._recorded = False
+
+    @property
+    def preempted(self) -> bool:
+        return self.status is RunStatus.PREEMPTED
+
+    def record(self, loss: torch.Tensor, batch_size: int, **values: Any) -> None:
+        """This step's loss (a tensor: no sync here), its batch size, and values for the record (lr, ...)."""
+        w = self._window
+        loss = loss.detach()
+        w.bad |= ~torch.isfinite(loss)
+        w.loss += loss
+        w.steps += 1
+        w.images += batch_size
+        self._values.update(values)
+        self._recorded = True
+
+    def steps(self, batches: Iterable[T], *, length: int, desc: str, total: int | None = None,
+              initial: int = 0) -> Iterator[T]:
+        """Yield up to ``length`` batches to train on, with the bookkeeping of each step after it.
+
+        ``total``/``initial`` are what the progress display counts (default: ``length`` from 0). Ends
+        early, with :attr:`status` PREEMPTED, when a signal arrived; raises NonFiniteLossError.
+        """
+        it = iter(batches)
+        progress = Progress(None, total if total is not None else length, desc, enabled=self.env.is_main,
+                            every_s=self.log_every_s, logger=self.log, initial=initial)
+        self._window.reset()
+        try:
+            for i in range(length):
+                t = time.perf_counter()
+                try:
+                    batch = next(it)
+                except StopIteration:
+                    return
+                self._window.data_wait_s += time.perf_counter() - t
+                self._recorded = False
+                yield batch
+                if not self._recorded:
+                    raise RuntimeError("the training step did not call TrainLoop.record()")
+                self.step += 1
+                progress.advance()
+                end_of_run = self.total_steps is not None and self.step >= self.total_steps
+                periodic = self.step % self.check_every == 0 or i + 1 == length or end_of_run
+                # Agreeing on a signal is an all-reduce (a sync): multi-process runs look only periodically.
+                stop = distrib.any_rank(bool(self.preempt), self.device) \
+                    if periodic or not self.env.distributed else False
+                if periodic or stop:
+                    self._check_finite()
+                    self._write_train_record(progress)
+                if stop and not end_of_run:  # on the last step, finishing is quicker than a requeue
+                    self.save()
+                    _close(it)
+                    self.preempt.hand_over(self.env.is_main)
+                    self.status = RunStatus.PREEMPTED
+                    return
+                if self.checkpoint_every and (self.step % self.checkpoint_every == 0 or end_of_run):
+                    self.save()
+        finally:
+            _close(it)
+            progress.close()
+
+    def _check_finite(self) -> None:
+        if distrib.any_rank(bool(self._window.bad.item()), self.device):
+            raise NonFiniteLossError(
+                f"non-finite training loss before step {self.step}; the run stopped without writing a new "
+                f"checkpoint. Last good checkpoint: {ckpt.latest_checkpoint(self.run_dir) or 'none'}. "
+                f"{self.nonfinite_hint or 'Lower optim.lr or check the data'}, then start again with the same "
+                "run.dir to resume from it.")
+
+    def _write_train_record(self, progress: Progress) -> None:
+        w = self._window
+        now = time.perf_counter()
+        elapsed = max(now - w.t0, 1e-9)
+        world = self.env.world_size
+        mean_loss = (distrib.all_reduce_sum(w.loss.clone()) / (max(w.steps, 1) * world)).item()
+        rate = w.images * world / elapsed
+        shown = {k: v for k, v in self._values.items() if k in ("lr", "epoch", "resolution")}
+        progress.update(loss=mean_loss, **shown, img_s=round(rate, 1))
+        self.last_train = {"step": self.step, "loss": mean_loss, **self._values, "images_per_s": rate,
+                           "data_wait": w.data_wait_s / elapsed}
+        self.metrics.write(kind="train", **self.last_train)
+        w.reset()
+
+
+def _close(it: Any) -> None:
+    close = getattr(it, "close", None)
+    if callable(close):
+        close()
