@@ -69,10 +69,6 @@ class PretrainCheckpoint:
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in state.items() if k in names})
 
-    def save(self, run_dir: Path, keep: int) -> Path:
-        """Write as ``run_dir/checkpoint_<step>.pt`` (finite weights only), keeping the newest ``keep``."""
-        return ckpt.save_checkpoint(self.to_dict(), run_dir, self.step, keep=keep)
-
     @classmethod
     def load(cls, path: Path, expect: dict[str, Any]) -> PretrainCheckpoint:
         return cls.from_dict(ckpt.load_checkpoint(path, expect))

@@ -291,7 +291,8 @@ class Trainer:
         self.epoch, self.step_in_epoch = 0, 0
         self.loop = TrainLoop(env=env, device=device, preempt=preempt,
                               metrics=MetricsWriter(self.run_dir / "metrics.jsonl", enabled=env.is_main),
-                              logger=log, save=self.save, run_dir=self.run_dir, check_every=cfg.run.check_every_steps,
+                              logger=log, checkpoint_state=self.checkpoint_state, run_dir=self.run_dir,
+                              keep_checkpoints=cfg.run.keep_checkpoints, check_every=cfg.run.check_every_steps,
                               log_every_s=cfg.run.log_every_s)
         torch.manual_seed(cfg.train.seed + env.rank)
         np.random.seed((cfg.train.seed + env.rank) % 2**32)
@@ -318,23 +319,15 @@ class Trainer:
         self.peak = peak_lr(cfg.optim, self.global_batch)
 
     # --- checkpoints --------------------------------------------------------------------------
-    def save(self) -> Path | None:
-        """Checkpoint at the current step (a collective: every rank takes part in the RNG gather)."""
-        rng = ckpt.gather_rng_states(self.env.world_size)
-        path = None
-        if self.env.is_main:
-            cfg = self.cfg
-            state = PretrainCheckpoint(
-                model_name=cfg.model.name, num_classes=self.inputs.num_classes, blurpool=cfg.model.blurpool,
-                classes=self.inputs.classes, model=self.model.state_dict(), optimizer=self.optimizer.state_dict(),
-                scaler=self.scaler.state_dict(), epoch=self.epoch, step=self.loop.step,
-                step_in_epoch=self.step_in_epoch, steps_per_epoch=self.steps_per_epoch,
-                global_batch=self.global_batch, world_size=self.env.world_size, rng=rng, config=to_dict(cfg),
-                model_ema=self.ema.module.state_dict() if self.ema is not None else None)
-            path = state.save(self.run_dir, keep=cfg.run.keep_checkpoints)
-            log.info("checkpoint: %s (epoch %d, step %d)", path, self.epoch, self.loop.step)
-        distrib.barrier()
-        return path
+    def checkpoint_state(self, rng: list[dict[str, Any]]) -> dict[str, Any]:
+        cfg = self.cfg
+        return PretrainCheckpoint(
+            model_name=cfg.model.name, num_classes=self.inputs.num_classes, blurpool=cfg.model.blurpool,
+            classes=self.inputs.classes, model=self.model.state_dict(), optimizer=self.optimizer.state_dict(),
+            scaler=self.scaler.state_dict(), epoch=self.epoch, step=self.loop.step, step_in_epoch=self.step_in_epoch,
+            steps_per_epoch=self.steps_per_epoch, global_batch=self.global_batch, world_size=self.env.world_size,
+            rng=rng, config=to_dict(cfg), model_ema=self.ema.module.state_dict() if self.ema is not None else None,
+        ).to_dict()
 
     def resume(self, path: Path) -> PretrainCheckpoint:
         state = PretrainCheckpoint.load(path, expected_identity(self.cfg, self.inputs.num_classes))
@@ -365,12 +358,11 @@ class Trainer:
             if self.loop.preempted:
                 return RunStatus.PREEMPTED
             self.epoch, self.step_in_epoch = self.epoch + 1, 0
-            self.save()
+            self.loop.save()
             last = self.epoch == cfg.train.epochs
             if last or self.epoch % cfg.train.eval_every == 0:
                 self.validate()
-            if distrib.any_rank(bool(self.loop.preempt), self.device) and not last:
-                self.loop.preempt.hand_over(self.env.is_main)
+            if not last and self.loop.stop_requested():
                 return RunStatus.PREEMPTED
         return RunStatus.FINISHED
 

@@ -59,11 +59,12 @@ class TrainLoop:
     """Step counting, cross-rank checks, preemption, non-finite detection, throughput, records, checkpoints."""
 
     def __init__(self, *, env: distrib.DistEnv, device: torch.device, preempt: PreemptionFlag,
-                 metrics: MetricsWriter, logger: logging.Logger, save: Callable[[], Path | None],
-                 run_dir: Path, step: int = 0, total_steps: int | None = None, check_every: int = 50,
+                 metrics: MetricsWriter, logger: logging.Logger,
+                 checkpoint_state: Callable[[list[dict[str, Any]]], dict[str, Any]], run_dir: Path,
+                 keep_checkpoints: int = 2, step: int = 0, total_steps: int | None = None, check_every: int = 50,
                  checkpoint_every: int = 0, log_every_s: float = 30.0, nonfinite_hint: str = "") -> None:
         self.env, self.device, self.preempt, self.metrics, self.log = env, device, preempt, metrics, logger
-        self.save, self.run_dir = save, run_dir
+        self.checkpoint_state, self.run_dir, self.keep_checkpoints = checkpoint_state, run_dir, keep_checkpoints
         self.step, self.total_steps = step, total_steps
         self.check_every, self.checkpoint_every, self.log_every_s = check_every, checkpoint_every, log_every_s
         self.nonfinite_hint = nonfinite_hint
@@ -76,6 +77,24 @@ class TrainLoop:
     @property
     def preempted(self) -> bool:
         return self.status is RunStatus.PREEMPTED
+
+    def save(self) -> Path | None:
+        """Checkpoint the current step: every rank's RNG state is gathered (a collective, all ranks call
+        this), rank 0 builds the state (``checkpoint_state(rng_states)``) and writes it; returns its path there."""
+        rng = ckpt.gather_rng_states(self.env.world_size)
+        path = None
+        if self.env.is_main:
+            path = ckpt.save_checkpoint(self.checkpoint_state(rng), self.run_dir, self.step, keep=self.keep_checkpoints)
+            self.log.info("checkpoint: %s (step %d)", path, self.step)
+        distrib.barrier()
+        return path
+
+    def stop_requested(self) -> bool:
+        """Between epochs: did a signal reach any rank? Then hand over to SLURM (the caller saved already)."""
+        if distrib.any_rank(bool(self.preempt), self.device):
+            self.preempt.hand_over(self.env.is_main)
+            self.status = RunStatus.PREEMPTED
+        return self.preempted
 
     def record(self, loss: torch.Tensor, batch_size: int, **values: Any) -> None:
         """This step's loss (a tensor: no sync here), its batch size, and values for the record (lr, ...)."""

@@ -59,10 +59,6 @@ class FinetuneCheckpoint:
     def to_dict(self) -> dict[str, Any]:
         return {**identity(self.dataset, self.model_args), **_plain(self)}
 
-    def save(self, run_dir: Path, keep: int) -> Path:
-        """``run_dir/checkpoint_<step>.pt`` (finite weights only), keeping the newest ``keep``."""
-        return ckpt.save_checkpoint(self.to_dict(), run_dir, self.step, keep=keep)
-
     @classmethod
     def load(cls, path: Path, expect: dict[str, Any]) -> FinetuneCheckpoint:
         state = ckpt.load_checkpoint(path, expect)

@@ -306,28 +306,22 @@ class Finetuner:
         self.last_val: dict[str, Any] = {}
         self.loop = TrainLoop(
             env=env, device=device, preempt=preempt,
-            metrics=MetricsWriter(self.run_dir / "metrics.jsonl", enabled=env.is_main), logger=log, save=self.save,
-            run_dir=self.run_dir, total_steps=self.total, check_every=cfg.run.check_every_steps,
+            metrics=MetricsWriter(self.run_dir / "metrics.jsonl", enabled=env.is_main), logger=log,
+            checkpoint_state=self.checkpoint_state, run_dir=self.run_dir, keep_checkpoints=cfg.run.keep_checkpoints,
+            total_steps=self.total, check_every=cfg.run.check_every_steps,
             checkpoint_every=cfg.run.checkpoint_every, log_every_s=cfg.run.log_every_s,
             nonfinite_hint="Lower optim.lr (or optim.head_lr_mult) or check the data")
         if inputs.run.resume_from is not None:
             self.resume(inputs.run.resume_from)
 
     # --- checkpoints --------------------------------------------------------------------------
-    def save(self) -> Path | None:
-        """Checkpoint at the current iteration (a collective: every rank takes part in the RNG gather)."""
-        rng = ckpt.gather_rng_states(self.env.world_size)
-        path = None
-        if self.env.is_main:
-            state = FinetuneCheckpoint(
-                dataset=self.cfg.data.dataset, model_args=model_args(self.cfg), classes=list(self.classes),
-                config=to_dict(self.cfg), model=self.model.state_dict(), optimizer=self.optimizer.state_dict(),
-                step=self.loop.step, epoch=self.epoch, step_in_epoch=self.step_in_epoch, total_steps=self.total,
-                global_batch=self.global_batch, world_size=self.env.world_size, rng=rng, last_val=self.last_val)
-            path = state.save(self.run_dir, keep=self.cfg.run.keep_checkpoints)
-            log.info("checkpoint: %s (iteration %d/%d)", path, self.loop.step, self.total)
-        distrib.barrier()
-        return path
+    def checkpoint_state(self, rng: list[dict[str, Any]]) -> dict[str, Any]:
+        return FinetuneCheckpoint(
+            dataset=self.cfg.data.dataset, model_args=model_args(self.cfg), classes=list(self.classes),
+            config=to_dict(self.cfg), model=self.model.state_dict(), optimizer=self.optimizer.state_dict(),
+            step=self.loop.step, epoch=self.epoch, step_in_epoch=self.step_in_epoch, total_steps=self.total,
+            global_batch=self.global_batch, world_size=self.env.world_size, rng=rng, last_val=self.last_val,
+        ).to_dict()
 
     def resume(self, path: Path) -> None:
         state = FinetuneCheckpoint.load(path, expected_identity(self.cfg))
