@@ -26,6 +26,8 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models.resnet import Bottleneck, ResNet
 
+from engine.config import ConfigError
+
 from .gcn_block import gcn_block
 from .weights import WeightsMismatchError, load_weights, mismatch_report
 
@@ -35,12 +37,13 @@ __all__ = ["ResNetGCN", "resnet50_gcn", "GCN_STAGES", "check_model_name"]
 GCN_STAGES = ((5, 85), (7, 128))
 
 
-def check_model_name(name: str, what: str = "model") -> None:
-    """Raise ValueError naming ``name``, ``what`` it is and the closest timm names, unless timm knows it."""
+def check_model_name(name: str, what: str = "model", key: str = "") -> None:
+    """Unless timm knows ``name``: a ConfigError (a ValueError) naming it, ``what`` it is, the config ``key``
+    that set it, and the closest timm names."""
     if not timm.is_model(name):
         close = difflib.get_close_matches(name, timm.list_models(), n=5)
-        raise ValueError(f"unknown {what} '{name}'. Any timm model works, e.g. resnet50 or resnet50_gcn; close "
-                         f"names: {', '.join(close) or 'none'}")
+        raise ConfigError(f"unknown {what} '{name}'{f' ({key})' if key else ''}. Any timm model works, e.g. "
+                          f"resnet50 or resnet50_gcn; close names: {', '.join(close) or 'none'}")
 
 
 class ResNetGCN(ResNet):

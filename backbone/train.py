@@ -223,10 +223,7 @@ def check_inputs(cfg: PretrainConfig) -> PretrainInputs:
     """Validate inputs and the run directory; raise ConfigError/CheckpointError with a fix."""
     from backbone.data import read_meta
 
-    try:
-        check_model_name(cfg.model.name, "model")
-    except ValueError as e:
-        raise ConfigError(f"{e} (model.name)") from None
+    check_model_name(cfg.model.name, "model", "model.name")
     metas = {}
     for key in ("train", "val"):
         path = getattr(cfg.data, key)

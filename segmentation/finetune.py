@@ -230,10 +230,7 @@ class FinetuneInputs:
 
 def check_inputs(cfg: FinetuneConfig) -> FinetuneInputs:
     """Validate data, weights and the run directory; raise with the problem and the fix."""
-    try:
-        check_model_name(cfg.model.backbone, "backbone")
-    except ValueError as e:
-        raise ConfigError(f"{e} (model.backbone / --backbone)") from None
+    check_model_name(cfg.model.backbone, "backbone", "model.backbone / --backbone")
     try:
         with torch.device("meta"):  # a bad k fails here, before the run directory exists
             make_score_head(cfg.model.head, 1, 1, cfg.model.kernel_size)
