@@ -20,13 +20,24 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
+from torch import nn
 
 from engine import checkpoint as ckpt
 
-__all__ = ["TRAIN_FORMAT", "WEIGHTS_FORMAT", "PretrainCheckpoint", "FinalWeights"]
+from .antialias import AUTO, apply_blurpool, blurred_convs, check_anti_aliasing
+from .models import create_backbone
+from .weights import WeightsMismatchError, fitting_subset, mismatch_report, read_state_dict
 
-TRAIN_FORMAT = "lkm-train-v1"
-WEIGHTS_FORMAT = "lkm-weights-v1"
+__all__ = ["TRAIN_FORMAT", "WEIGHTS_FORMAT", "PretrainCheckpoint", "FinalWeights", "load_backbone",
+           "TRAINING_ONLY_KWARGS"]
+
+# v2: anti-aliasing is ffcv-style BlurPool recorded in the state dict (backbone.antialias), and
+# final.pth carries the constructor arguments (model_kwargs) and the run's provenance.
+TRAIN_FORMAT = "lkm-train-v2"
+WEIGHTS_FORMAT = "lkm-weights-v2"
+# Constructor arguments a consumer may set differently from the trained network's: regularisers that
+# do nothing in eval mode.
+TRAINING_ONLY_KWARGS = ("drop_rate", "drop_path_rate", "drop_block_rate")
 
 
 @dataclass
@@ -42,7 +53,6 @@ class PretrainCheckpoint:
     classes: list[str]
     model: dict[str, torch.Tensor]
     optimizer: dict[str, Any]
-    scaler: dict[str, Any]
     epoch: int
     step: int
     step_in_epoch: int
@@ -88,6 +98,7 @@ class FinalWeights:
     classes: list[str] = field(default_factory=list)
     epochs: int = 0
     ema: bool = False
+    provenance: dict[str, Any] = field(default_factory=dict)  # recipe hash, world size, global batch, ...
     format: str = WEIGHTS_FORMAT
 
     def save(self, path: Path) -> Path:
@@ -98,8 +109,6 @@ class FinalWeights:
     @classmethod
     def load(cls, path: str | Path) -> FinalWeights:
         """Read a ``final.pth`` written by pretraining (``backbone.weights`` reads any weights file)."""
-        from .weights import WeightsMismatchError
-
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"{path} does not exist: give the final.pth of a pretraining run")
@@ -113,3 +122,64 @@ class FinalWeights:
                                        f"expected {cls.FORMAT!r})")
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in names})
+
+
+def _classifier_prefixes(model: nn.Module) -> tuple[str, ...]:
+    classifier = (getattr(model, "pretrained_cfg", None) or {}).get("classifier", "fc")
+    names = classifier if isinstance(classifier, tuple | list) else (classifier,)
+    return tuple(f"{name}." for name in names)
+
+
+def load_backbone(path: str | Path, *, name: str | None = None, anti_aliasing: str | None = AUTO,
+                  num_classes: int | None = None, **kwargs: Any) -> tuple[nn.Module, dict[str, Any]]:
+    """The network a weights file was trained as, with its weights: ``(model, the file's metadata)``.
+
+    Reads a pretraining ``final.pth``, a training checkpoint (EMA weights preferred) or a plain state
+    dict. The architecture is the recorded ``model_name`` (``name`` must agree; a plain state dict needs
+    it); the constructor arguments are the recorded ``model_kwargs``; the anti-aliasing is read off the
+    state dict itself (``backbone.antialias``). A request that contradicts what was trained -- another
+    ``anti_aliasing`` than ``'auto'``, or a recorded constructor argument set to another value (except
+    :data:`TRAINING_ONLY_KWARGS`) -- is a :class:`WeightsMismatchError`. ``num_classes`` (default: the
+    trained one) and ``features_only``/``out_indices`` may differ: the classifier is then not loaded.
+    """
+    check_anti_aliasing(anti_aliasing, allow_auto=True)
+    state_dict, meta = read_state_dict(path)
+    recorded = meta.get("model_name")
+    if name is None and recorded is None:
+        raise WeightsMismatchError(f"{path} does not record its architecture (a plain state dict?): pass the "
+                                   "timm model name it was trained as")
+    other_architecture = name is not None and recorded is not None and name != recorded
+    name = name or recorded
+    trained_kwargs = dict(meta.get("model_kwargs") or {})
+    if "aa_layer" in trained_kwargs:
+        raise WeightsMismatchError(f"{path} was trained with timm's aa_layer (format {meta.get('format')!r}), "
+                                   "an anti-aliasing this version no longer builds; retrain it")
+    trained_kwargs.pop("anti_aliasing", None)
+    blurred = blurred_convs(state_dict)
+    trained_aa = "blurpool" if blurred else None
+    if anti_aliasing != AUTO and anti_aliasing != trained_aa:
+        raise WeightsMismatchError(
+            f"{path} was trained {'with' if blurred else 'without'} anti-aliasing (anti_aliasing={trained_aa!r}), "
+            f"but anti_aliasing={anti_aliasing!r} was asked for; leave it unset ('auto') to rebuild the trained "
+            "network")
+    conflicts = [f"{k}={kwargs[k]!r} (trained: {v!r})" for k, v in trained_kwargs.items()
+                 if k in kwargs and kwargs[k] != v and k not in TRAINING_ONLY_KWARGS]
+    if conflicts:
+        raise WeightsMismatchError(f"{path}: the request {', '.join(conflicts)} contradicts the trained network; "
+                                   "drop those arguments to rebuild it")
+    build = {**trained_kwargs, **kwargs}
+    if not build.get("features_only"):
+        build["num_classes"] = num_classes if num_classes is not None else meta.get("num_classes", 1000)
+    model = create_backbone(name, anti_aliasing=None, **build)
+    if blurred:
+        present = {n for n, _ in model.named_modules()}
+        apply_blurpool(model, only=[b for b in blurred if b in present])  # a features_only model lacks some
+    optional = _classifier_prefixes(model)
+    report = mismatch_report(model.state_dict(), state_dict, optional)
+    if other_architecture or report is not None:
+        trained = f"weights of '{recorded}'" if recorded else "weights"
+        detail = f":\n{report}" if report else ""
+        fix = f"\nFix: use the backbone '{recorded}', or the weights of a '{name}' run." if other_architecture else ""
+        raise WeightsMismatchError(f"{path} holds {trained} that do not fit '{name}' built as trained{detail}{fix}")
+    model.load_state_dict(fitting_subset(model.state_dict(), state_dict), strict=False)
+    return model, meta

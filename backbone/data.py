@@ -260,6 +260,21 @@ def close_epoch(it: Any, timeout_s: float = 60.0) -> None:
     it.closed = True
 
 
+def set_val_resolution(loader: Loader, resolution: int) -> None:
+    """Change the output size of a validation loader (the crop ratio stays); applies from the next epoch."""
+    decoder = loader.pipeline_specs["image"].decoder
+    if not isinstance(decoder, CenterCropRGBImageDecoder):
+        raise TypeError(f"expected a loader from make_val_loader, got one decoding with {type(decoder).__name__}")
+    if int(resolution) < 1:
+        raise ValueError(f"resolution must be a positive integer, not {resolution}")
+    decoder.output_size = (int(resolution), int(resolution))
+
+
+def val_crop_ratio(loader: Loader) -> float:
+    """The crop ratio a validation loader was compiled with (it cannot change afterwards)."""
+    return float(loader.pipeline_specs["image"].decoder.ratio)
+
+
 def set_epoch(loader: Loader, epoch: int) -> None:
     """Make the next ``iter(loader)`` yield epoch ``epoch``'s sample order (for resuming)."""
     if int(epoch) < 0:

@@ -25,13 +25,15 @@ import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models.resnet import Bottleneck, ResNet
+from torch import nn
 
 from engine.config import ConfigError
 
+from .antialias import AUTO, BlurConv2d, apply_blurpool, blurred_convs, check_anti_aliasing
 from .gcn_block import gcn_block
-from .weights import WeightsMismatchError, load_weights, mismatch_report
+from .weights import WeightsMismatchError, load_weights, mismatch_report, read_state_dict
 
-__all__ = ["ResNetGCN", "resnet50_gcn", "GCN_STAGES", "check_model_name"]
+__all__ = ["ResNetGCN", "resnet50_gcn", "GCN_STAGES", "check_model_name", "create_backbone"]
 
 # (kernel size, branch width) of res-4 and res-5, Table 11.
 GCN_STAGES = ((5, 85), (7, 128))
@@ -46,20 +48,49 @@ def check_model_name(name: str, what: str = "model", key: str = "") -> None:
                           f"resnet50 or resnet50_gcn; close names: {', '.join(close) or 'none'}")
 
 
+def create_backbone(name: str, *, anti_aliasing: str | None = None, **kwargs) -> nn.Module:
+    """``timm.create_model(name, **kwargs)``, anti-aliased as asked (``backbone.antialias``): how every
+    backbone of this project is built, ResNet50 and ResNet50-GCN alike (``features_only`` models too)."""
+    check_anti_aliasing(anti_aliasing)
+    model = timm.create_model(name, **kwargs)
+    if isinstance(model, ResNetGCN):
+        model.anti_aliasing_request = anti_aliasing  # explicit: weights of another construction are refused
+    if anti_aliasing == "blurpool":
+        apply_blurpool(model)
+    else:
+        model.anti_aliasing = None
+    return model
+
+
 class ResNetGCN(ResNet):
-    """timm's ResNet with weight loading that names the file and the keys that do not fit.
+    """timm's ResNet with anti-aliasing as a constructor argument and weight loading that rebuilds the
+    trained network and names the file and the keys that do not fit.
 
     timm calls :meth:`load_pretrained` for ``pretrained=True`` with a ``file`` in the pretrained
     cfg (``custom_load=True`` below), so ``pretrained_cfg_overlay=dict(file=PATH)`` loads this
-    project's ``final.pth``, a training checkpoint or a plain state dict.
+    project's ``final.pth``, a training checkpoint or a plain state dict; ``checkpoint_path=PATH`` ends
+    in :meth:`load_state_dict`. Both follow the weights' anti-aliasing (the blur filters are in the state
+    dict, ``backbone.antialias``) unless ``anti_aliasing`` was asked for explicitly, and then a
+    conflict is an error rather than a silently different network.
     """
+
+    def __init__(self, *args, anti_aliasing: str | None = AUTO, **kwargs) -> None:
+        check_anti_aliasing(anti_aliasing, allow_auto=True)
+        super().__init__(*args, **kwargs)
+        self.anti_aliasing_request = anti_aliasing
+        self.anti_aliasing = None
+        if anti_aliasing not in (AUTO, None):
+            apply_blurpool(self)
 
     def load_pretrained(self, checkpoint_path: str | Path, prefix: str = "") -> None:
         # The classifier is optional: ImageNet weights load into a model with num_classes != 1000.
+        state_dict, _ = read_state_dict(checkpoint_path)
+        self.follow_anti_aliasing(state_dict, str(checkpoint_path))
         load_weights(self, checkpoint_path, optional_prefixes=("fc.",), model_name=self._arch_name())
 
     def load_state_dict(self, state_dict: Mapping[str, torch.Tensor], strict: bool = True, assign: bool = False):
         # timm's checkpoint_path= path ends here; give a readable summary instead of torch's wall of keys.
+        self.follow_anti_aliasing(state_dict, "the state dict")
         if strict:
             report = mismatch_report(self.state_dict(), state_dict)
             if report is not None:
@@ -68,6 +99,21 @@ class ResNetGCN(ResNet):
                     f"architecture?):\n{report}"
                 )
         return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
+    def follow_anti_aliasing(self, state_dict: Mapping[str, torch.Tensor], source: str) -> None:
+        """Blur the convs the weights were trained blurred, if the model was built without a request;
+        raise WeightsMismatchError when an explicit request contradicts the weights."""
+        want, have = blurred_convs(state_dict), sorted(n for n, m in self.named_modules() if isinstance(m, BlurConv2d))
+        if want == have:
+            return
+        if self.anti_aliasing_request == AUTO and not have:
+            apply_blurpool(self, only=want)
+            return
+        trained = f"with anti-aliasing (BlurPool before {len(want)} strided convs)" if want else "without anti-aliasing"
+        raise WeightsMismatchError(
+            f"{source} was trained {trained}, but the model was built with anti_aliasing="
+            f"{self.anti_aliasing_request!r}. Build it with anti_aliasing={'blurpool' if want else None!r}, or "
+            "leave anti_aliasing unset to follow the weights.")
 
     def _arch_name(self) -> str:
         return (getattr(self, "pretrained_cfg", None) or {}).get("architecture", "resnet50_gcn")
@@ -101,7 +147,20 @@ def _create_resnet_gcn(variant: str, pretrained: bool = False, **kwargs) -> ResN
         # timm resets custom_load when a file is given; keep ours, which reads this project's
         # checkpoint formats and names the file in its errors.
         overlay.setdefault("custom_load", True)
+        if pretrained and "num_classes" not in kwargs and "num_classes" not in overlay:
+            # rebuild the trained classifier rather than a random 1000-class one
+            recorded = _recorded_num_classes(overlay["file"])
+            if recorded is not None:
+                kwargs["num_classes"] = overlay["num_classes"] = recorded
     return build_model_with_cfg(ResNetGCN, variant, pretrained, pretrained_cfg_overlay=overlay, **kwargs)
+
+
+def _recorded_num_classes(path: str | Path) -> int | None:
+    try:
+        meta = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # noqa: BLE001 - the loader names the file and the problem right after
+        return None
+    return meta.get("num_classes") if isinstance(meta, Mapping) else None
 
 
 @register_model
@@ -116,6 +175,8 @@ def resnet50_gcn(
 
     ``gcn_merge='sum'`` sums the two branches (ablation); its branch widths default to the
     cost-matched ones. ``gcn_widths`` overrides the widths (None: Table 11 for concat).
+    ``anti_aliasing``: ``'blurpool'`` (the pretraining recipe, ``backbone.antialias``), None, or
+    ``'auto'`` (default: none, unless loaded weights were trained with it).
     """
     if gcn_widths is None:
         gcn_widths = (GCN_STAGES[0][1], GCN_STAGES[1][1]) if gcn_merge == "concat" else (None, None)

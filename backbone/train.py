@@ -25,14 +25,13 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-import timm
 import torch
-import torch.nn.functional as F
 from timm.data import DEFAULT_CROP_PCT, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import nn
 
 from backbone.artifacts import FinalWeights, PretrainCheckpoint
-from backbone.models import check_model_name
+from backbone.evaluate import PAPER, evaluate_classifier, write_record
+from backbone.models import check_model_name, create_backbone
 from engine import checkpoint as ckpt
 from engine import distributed as distrib
 from engine.config import (
@@ -43,8 +42,9 @@ from engine.config import (
     to_dict,
 )
 from engine.logs import MetricsWriter
-from engine.loop import TrainLoop
+from engine.loop import TrainLoop, autocast, backward_accumulated, grouped, split_batch
 from engine.preemption import PreemptionFlag
+from engine.provenance import file_sha256, read_run_record
 from engine.runner import NonFiniteLossError, RunDirState, RunStatus, inspect_run_dir, run_stage
 
 log = logging.getLogger("backbone.train")
@@ -56,7 +56,7 @@ log = logging.getLogger("backbone.train")
 @dataclass
 class ModelConfig:
     name: str = "resnet50"  # any timm model name; resnet50_gcn after `import backbone`
-    blurpool: bool = True  # timm aa_layer=BlurPool2d (anti-aliased stride-2 convs), as ffcv-imagenet
+    blurpool: bool = True  # blur before every strided conv, as ffcv-imagenet (backbone.antialias)
     num_classes: int | None = None  # None: the class count of the training .beton
 
 
@@ -64,10 +64,15 @@ class ModelConfig:
 class DataConfig:
     train: str = ""  # training .beton (python -m backbone.write_beton)
     val: str = ""  # validation .beton
-    batch_size: int = 512  # per process (per GPU); the global batch is batch_size x world size
-    val_batch_size: int = 256  # per process
+    global_batch: int = 4096  # images per optimiser step over all processes (the recipe's batch)
+    max_batch_per_process: int = 0  # a process holding more accumulates gradients over micro-batches; 0: no limit
+    val_batch_size: int = 256  # per process (evaluation only: no effect on results)
     num_workers: int = 12  # ffcv decoding threads per process
     in_memory: bool = True  # ffcv os_cache: keep the .beton in the page cache
+
+
+    RENAMED = {"batch_size": "the recipe now states the batch over all processes: data.global_batch (e.g. 512 "
+                             "per GPU on 8 GPUs is data.global_batch=4096)"}
 
 
 @dataclass
@@ -124,10 +129,16 @@ class PretrainConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     run: RunConfig = field(default_factory=RunConfig)
 
+    # Keys that cannot change the trained network: paths (the data is identified by content in run.json),
+    # machine settings, logging. Everything else is the recipe.
+    NOT_RECIPE = ("data.train", "data.val", "data.val_batch_size", "data.num_workers", "data.in_memory",
+                  "train.eval_every", "train.device", "train.deterministic", "run.dir", "run.keep_checkpoints",
+                  "run.log_every_s", "run.check_every_steps")
+
     def validate(self) -> None:
         if not self.run.dir:
             self.run.dir = f"runs/pretrain/{self.model.name}"
-        for key, value in (("data.batch_size", self.data.batch_size), ("train.epochs", self.train.epochs),
+        for key, value in (("data.global_batch", self.data.global_batch), ("train.epochs", self.train.epochs),
                            ("data.val_batch_size", self.data.val_batch_size),
                            ("optim.lr_batch_size", self.optim.lr_batch_size)):
             if value < 1:
@@ -168,15 +179,13 @@ def resolution_at(cfg: ResolutionConfig, epoch: int) -> int:
 # ---------------------------------------------------------------------------------------------
 # Model and optimiser
 # ---------------------------------------------------------------------------------------------
+def model_kwargs(cfg: ModelConfig) -> dict[str, Any]:
+    """Constructor arguments beyond the name and class count; final.pth records them."""
+    return {"anti_aliasing": "blurpool" if cfg.blurpool else None}
+
+
 def create_model(cfg: ModelConfig, num_classes: int) -> nn.Module:
-    kwargs: dict[str, Any] = {"num_classes": num_classes}
-    if cfg.blurpool:
-        kwargs["aa_layer"] = timm.layers.BlurPool2d
-    try:
-        return timm.create_model(cfg.name, **kwargs)
-    except TypeError as e:
-        raise ConfigError(f"model '{cfg.name}' does not accept {sorted(kwargs)} ({e}); "
-                          "try model.blurpool=false") from e
+    return create_backbone(cfg.name, num_classes=num_classes, **model_kwargs(cfg))
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -200,13 +209,6 @@ def pretrained_cfg_for(model: nn.Module, cfg: PretrainConfig, num_classes: int) 
     return {k: v for k, v in base.items() if isinstance(v, plain)}
 
 
-def topk_hits(logits: torch.Tensor, labels: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(top-1 hits, top-k hits) of a batch: how many labels are the arg max, and among the k largest."""
-    topk = logits.topk(min(k, logits.shape[1]), dim=1).indices
-    hits = topk == labels[:, None]
-    return hits[:, 0].sum(), hits.any(dim=1).sum()
-
-
 # ---------------------------------------------------------------------------------------------
 # Checks done before any loader or worker starts
 # ---------------------------------------------------------------------------------------------
@@ -216,12 +218,13 @@ class PretrainInputs:
 
     num_classes: int
     classes: list[str]
+    data: dict[str, Any]  # the .beton files, named by the SHA-256 of the JSON the writer put beside each
     run: RunDirState
 
 
 def check_inputs(cfg: PretrainConfig) -> PretrainInputs:
     """Validate inputs and the run directory; raise ConfigError/CheckpointError with a fix."""
-    from backbone.data import read_meta
+    from backbone.write_beton import meta_path, read_meta
 
     check_model_name(cfg.model.name, "model", "model.name")
     metas = {}
@@ -247,7 +250,9 @@ def check_inputs(cfg: PretrainConfig) -> PretrainInputs:
         raise ConfigError(f"model.num_classes={num_classes} but {cfg.data.train} has {n_train} classes; "
                           "drop model.num_classes (it defaults to the data's) or use matching data")
     state = inspect_run_dir(cfg.run.dir, expected_identity(cfg, num_classes))
-    return PretrainInputs(num_classes, list(metas["train"].get("classes", [])), state)
+    data = {key: {"path": str(Path(getattr(cfg.data, key)).resolve()),
+                  "meta_sha256": file_sha256(meta_path(getattr(cfg.data, key)))} for key in ("train", "val")}
+    return PretrainInputs(num_classes, list(metas["train"].get("classes", [])), data, state)
 
 
 def expected_identity(cfg: PretrainConfig, num_classes: int) -> dict[str, Any]:
@@ -276,8 +281,6 @@ class Trainer:
                     if env.distributed else model)
         self.optimizer = torch.optim.SGD(param_groups(model, cfg.optim.weight_decay), lr=0.0,
                                          momentum=cfg.optim.momentum)
-        # bf16 needs no loss scaling; the scaler is kept (disabled) so checkpoints have one layout
-        self.scaler = torch.amp.GradScaler(device.type, enabled=False)
         self.ema = None
         if cfg.train.ema:
             from timm.utils import ModelEmaV3
@@ -295,24 +298,26 @@ class Trainer:
         np.random.seed((cfg.train.seed + env.rank) % 2**32)
         resumed = self.resume(inputs.run.resume_from) if inputs.run.resume_from is not None else None
 
+        self.batch = split_batch(cfg.data.global_batch, env.world_size, cfg.data.max_batch_per_process)
         res = resolution_at(cfg.resolution, self.epoch)
         self.train_loader = make_train_loader(
-            cfg.data.train, batch_size=cfg.data.batch_size, num_workers=cfg.data.num_workers, resolution=res,
+            cfg.data.train, batch_size=self.batch.micro_batch, num_workers=cfg.data.num_workers, resolution=res,
             device=device, distributed=env.distributed, seed=cfg.train.seed, order="random",
             os_cache=cfg.data.in_memory, drop_last=True)
         self.val_loader = make_val_loader(
             cfg.data.val, batch_size=cfg.data.val_batch_size, num_workers=cfg.data.num_workers,
             resolution=cfg.resolution.val_res, device=device, distributed=env.distributed)
-        self.steps_per_epoch = len(self.train_loader)
+        self.steps_per_epoch = len(self.train_loader) // self.batch.accumulation
         if self.steps_per_epoch == 0:
-            raise ConfigError(f"{cfg.data.train} has fewer images per process than data.batch_size="
-                              f"{cfg.data.batch_size} (drop_last): lower the batch size")
-        self.global_batch = cfg.data.batch_size * env.world_size
-        if resumed is not None and resumed.global_batch != self.global_batch:
+            raise ConfigError(f"{cfg.data.train} has fewer images than one global batch (data.global_batch="
+                              f"{cfg.data.global_batch}, drop_last): lower the batch")
+        self.global_batch = self.batch.global_batch
+        if resumed is not None and (resumed.global_batch, resumed.world_size) != (self.global_batch, env.world_size):
             raise ckpt.CheckpointError(
-                f"the checkpoint in {self.run_dir} was trained with a global batch of {resumed.global_batch}, "
-                f"this run has {self.global_batch} (data.batch_size x {env.world_size} processes): resume with "
-                "the same global batch")
+                f"the checkpoint in {self.run_dir} was trained with a global batch of {resumed.global_batch} on "
+                f"{resumed.world_size} processes, this run has {self.global_batch} on {env.world_size}: resume with "
+                "the same batch and number of processes (the sample order and the BatchNorm statistics depend on "
+                "both), or start a new run.dir")
         self.peak = peak_lr(cfg.optim, self.global_batch)
 
     # --- checkpoints --------------------------------------------------------------------------
@@ -321,7 +326,7 @@ class Trainer:
         return PretrainCheckpoint(
             model_name=cfg.model.name, num_classes=self.inputs.num_classes, blurpool=cfg.model.blurpool,
             classes=self.inputs.classes, model=self.model.state_dict(), optimizer=self.optimizer.state_dict(),
-            scaler=self.scaler.state_dict(), epoch=self.epoch, step=self.loop.step, step_in_epoch=self.step_in_epoch,
+            epoch=self.epoch, step=self.loop.step, step_in_epoch=self.step_in_epoch,
             steps_per_epoch=self.steps_per_epoch, global_batch=self.global_batch, world_size=self.env.world_size,
             rng=rng, config=to_dict(cfg), model_ema=self.ema.module.state_dict() if self.ema is not None else None,
         ).to_dict()
@@ -330,7 +335,6 @@ class Trainer:
         state = PretrainCheckpoint.load(path, expected_identity(self.cfg, self.inputs.num_classes))
         self.model.load_state_dict(state.model)
         self.optimizer.load_state_dict(state.optimizer)
-        self.scaler.load_state_dict(state.scaler)
         if self.ema is not None:
             if state.model_ema is None:
                 raise ckpt.CheckpointError(f"{path} has no EMA weights but train.ema=true; resume with "
@@ -347,9 +351,11 @@ class Trainer:
         """Train to the end, or until a signal (then a checkpoint is on disk and the job requeued)."""
         cfg = self.cfg
         if self.env.is_main:
-            log.info("training %s: %d classes, %d epochs x %d steps, global batch %d (%d processes), "
-                     "peak lr %.4g", cfg.model.name, self.inputs.num_classes, cfg.train.epochs,
-                     self.steps_per_epoch, self.global_batch, self.env.world_size, self.peak)
+            log.info("training %s: %d classes, %d epochs x %d steps, global batch %d = %d processes x %d%s, "
+                     "peak lr %.4g", cfg.model.name, self.inputs.num_classes, cfg.train.epochs, self.steps_per_epoch,
+                     self.global_batch, self.env.world_size, self.batch.per_process,
+                     f" (accumulated over {self.batch.accumulation} micro-batches of {self.batch.micro_batch})"
+                     if self.batch.accumulation > 1 else "", self.peak)
         while self.epoch < cfg.train.epochs:
             self.train_epoch()
             if self.loop.preempted:
@@ -361,6 +367,7 @@ class Trainer:
                 self.validate()
             if not last and self.loop.stop_requested():
                 return RunStatus.PREEMPTED
+        self.paper_scores = self.evaluate_paper_protocol()
         return RunStatus.FINISHED
 
     def train_epoch(self) -> None:
@@ -373,28 +380,31 @@ class Trainer:
         set_epoch(self.train_loader, self.epoch)  # sample order = f(seed, epoch), also after a resume
         self.model.train()
         start = self.step_in_epoch  # resumed mid-epoch: the loader replays the same order, we skip ahead
-        batches = epoch_batches(self.train_loader, skip=start)
-        for i, (images, labels) in enumerate(self.loop.steps(
-                batches, length=self.steps_per_epoch - start, total=self.steps_per_epoch, initial=start,
+        accumulation = self.batch.accumulation
+        steps = grouped(epoch_batches(self.train_loader, skip=start * accumulation), accumulation)
+        for i, micro_batches in enumerate(self.loop.steps(
+                steps, length=self.steps_per_epoch - start, total=self.steps_per_epoch, initial=start,
                 desc=f"epoch {self.epoch + 1}/{cfg.train.epochs}"), start=start):
             lr = lr_at(cfg.optim, cfg.train.epochs, self.epoch + i / self.steps_per_epoch, self.peak)
-            loss = self.train_step(images, labels, lr)
+            loss = self.train_step(micro_batches, lr)
             self.step_in_epoch = i + 1
-            self.loop.record(loss, images.shape[0], epoch=self.epoch, lr=lr, resolution=res)
+            self.loop.record(loss, self.batch.per_process, epoch=self.epoch, lr=lr, resolution=res)
 
-    def train_step(self, images: torch.Tensor, labels: torch.Tensor, lr: float) -> torch.Tensor:
+    def train_step(self, micro_batches: list[tuple[torch.Tensor, torch.Tensor]], lr: float) -> torch.Tensor:
+        """One optimiser step over this process's share of the global batch (its micro-batches)."""
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
-                            enabled=self.amp_dtype is not None):
-            loss = self.criterion(self.ddp(images), labels)
         self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(loss).backward()
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
+        loss = backward_accumulated(self.ddp, micro_batches, self.loss, self.env.distributed)
+        self.optimizer.step()
         if self.ema is not None:
             self.ema.update(self.model, step=self.loop.step)
         return loss
+
+    def loss(self, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        images, labels = batch
+        with autocast(self.device, self.amp_dtype):
+            return self.criterion(self.ddp(images), labels)
 
     def validate(self) -> dict[str, float]:
         stats = self.evaluate()
@@ -404,36 +414,43 @@ class Trainer:
                      self.cfg.train.epochs, stats["top1"], stats["top5"], stats["loss"])
         return stats
 
-    @torch.no_grad()
+    @property
+    def trained_model(self) -> nn.Module:
+        """What final.pth holds: the EMA when there is one."""
+        return self.ema.module if self.ema is not None else self.model
+
     def evaluate(self) -> dict[str, float]:
-        model = self.ema.module if self.ema is not None else self.model
-        model.eval()
-        totals = torch.zeros(4, device=self.device, dtype=torch.float64)  # top1, top5, loss sum, count
-        for images, labels in self.val_loader:
-            with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
-                                enabled=self.amp_dtype is not None):
-                logits = model(images)
-                if self.cfg.train.flip_tta:
-                    logits = logits + model(torch.flip(images, dims=[3]))
-            logits = logits.float()
-            top1, top5 = topk_hits(logits, labels, 5)
-            totals += torch.stack([top1, top5, F.cross_entropy(logits, labels, reduction="sum"),
-                                   torch.tensor(labels.numel(), device=self.device)]).to(totals)
-        distrib.all_reduce_sum(totals)
-        top1, top5, loss, n = totals.tolist()
-        return {"top1": top1 / max(n, 1), "top5": top5 / max(n, 1), "loss": loss / max(n, 1),
-                "top5_error": 1 - top5 / max(n, 1), "images": int(n)}
+        """ffcv-imagenet's validation (``resolution.val_res``, flip averaging with ``train.flip_tta``)."""
+        return evaluate_classifier(self.trained_model, self.val_loader, self.device, flip=self.cfg.train.flip_tta,
+                                   amp_dtype=self.amp_dtype)
+
+    def evaluate_paper_protocol(self) -> dict[str, float]:
+        """Table 6's protocol on the final weights: the 224 centre crop of the 256 image, one view."""
+        from backbone.data import set_val_resolution, val_crop_ratio
+
+        if abs(val_crop_ratio(self.val_loader) - PAPER.crop_ratio) > 1e-9:
+            raise RuntimeError(f"the validation loader crops {val_crop_ratio(self.val_loader)}, not {PAPER.crop_ratio}")
+        set_val_resolution(self.val_loader, PAPER.resolution)
+        scores = evaluate_classifier(self.trained_model, self.val_loader, self.device, flip=PAPER.flip,
+                                     amp_dtype=self.amp_dtype)
+        set_val_resolution(self.val_loader, self.cfg.resolution.val_res)
+        if self.env.is_main:
+            log.info("final weights, %s: top-1 error %.2f%%, top-5 error %.2f%%", PAPER.describe(),
+                     100 * scores["top1_error"], 100 * scores["top5_error"])
+        return scores
 
     def write_final(self) -> Path:
-        """``final.pth``: weights only (EMA if used) + what timm needs to rebuild the model."""
-        model = self.ema.module if self.ema is not None else self.model
+        """``final.pth`` (weights, EMA if used, what rebuilds the network, the run's provenance), then the
+        scores of the paper's protocol beside it, naming it by content hash."""
         final = FinalWeights(
-            state_dict=ckpt.export_weights(model), model_name=self.cfg.model.name,
+            state_dict=ckpt.export_weights(self.trained_model), model_name=self.cfg.model.name,
             num_classes=self.inputs.num_classes,
             pretrained_cfg=pretrained_cfg_for(self.model, self.cfg, self.inputs.num_classes),
-            model_kwargs={"aa_layer": "blurpool"} if self.cfg.model.blurpool else {},
-            classes=self.inputs.classes, epochs=self.epoch, ema=self.ema is not None)
-        return final.save(self.run_dir / "final.pth")
+            model_kwargs=model_kwargs(self.cfg.model), classes=self.inputs.classes, epochs=self.epoch,
+            ema=self.ema is not None, provenance=read_run_record(self.run_dir))
+        path = final.save(self.run_dir / "final.pth")
+        write_record(path, self.cfg.data.val, PAPER, self.paper_scores)
+        return path
 
 
 # ---------------------------------------------------------------------------------------------
@@ -442,7 +459,8 @@ class Trainer:
 def run(cfg: PretrainConfig, preempt: PreemptionFlag | None = None) -> RunStatus:
     """Train (or resume) the run described by ``cfg``."""
     inputs = check_inputs(cfg)  # every rank checks; errors before any loader/worker exists
-    return run_stage(cfg, inputs.run, lambda env, device, flag: Trainer(cfg, inputs, env, device, flag), preempt)
+    return run_stage(cfg, inputs.run, lambda env, device, flag: Trainer(cfg, inputs, env, device, flag), preempt,
+                     provenance={"global_batch": cfg.data.global_batch, "data": inputs.data})
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -199,7 +199,7 @@ def peek_checkpoint(path: str | Path) -> dict[str, Any]:
         raise CheckpointError(_unreadable(path, e)) from e
     if not isinstance(state, dict):
         raise CheckpointError(f"{path} is not a training checkpoint (holds a {type(state).__name__})")
-    return {k: v for k, v in state.items() if isinstance(v, str | int | float | bool) or k == "config"}
+    return {k: v for k, v in state.items() if isinstance(v, str | int | float | bool | None) or k == "config"}
 
 
 def export_weights(module: torch.nn.Module) -> dict[str, torch.Tensor]:

@@ -98,6 +98,14 @@ def _unknown_key(key: str, where: str, valid: Sequence[str]) -> ConfigError:
     return ConfigError(f"unknown config key '{key}' {prefix}.{hint} Valid keys: {', '.join(valid)}")
 
 
+def _renamed(section: type, key: str, where: str) -> ConfigError | None:
+    """A key a section no longer has, named in its ``RENAMED = {old: 'what to write instead'}`` attribute."""
+    hint = getattr(section, "RENAMED", {}).get(key)
+    if hint is None:
+        return None
+    return ConfigError(f"config key '{f'{where}.' if where else ''}{key}' no longer exists: {hint}")
+
+
 def _merge(obj: Any, data: dict[str, Any], where: str = "") -> None:
     """Set the fields of dataclass ``obj`` from the nested mapping ``data`` (in place)."""
     if not isinstance(data, dict):
@@ -105,7 +113,7 @@ def _merge(obj: Any, data: dict[str, Any], where: str = "") -> None:
     hints = _hints(type(obj))
     for key, value in data.items():
         if key not in hints:
-            raise _unknown_key(str(key), where, list(hints))
+            raise _renamed(type(obj), str(key), where) or _unknown_key(str(key), where, list(hints))
         name = f"{where}.{key}" if where else key
         if _is_section(hints[key]):
             _merge(getattr(obj, key), value, name)
@@ -138,6 +146,13 @@ def _resolve_path(cls: type, dotted: str) -> str:
     leaves = _leaf_paths(cls)
     if dotted in leaves or dotted in _section_paths(cls):
         return dotted
+    section, _, key = dotted.rpartition(".")
+    if section in _section_paths(cls):
+        node = cls
+        for part in section.split("."):
+            node = _hints(node)[part]
+        if (renamed := _renamed(node, key, section)) is not None:
+            raise renamed
     matches = [p for p in leaves if p.endswith("." + dotted)]
     if len(matches) == 1:
         return matches[0]

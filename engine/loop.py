@@ -24,9 +24,12 @@ epoch is shut down rather than left with its loader thread waiting.
 """
 from __future__ import annotations
 
+import contextlib
+import itertools
 import logging
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -34,11 +37,69 @@ import torch
 
 from . import checkpoint as ckpt
 from . import distributed as distrib
+from .config import ConfigError
 from .logs import MetricsWriter, Progress
 from .preemption import PreemptionFlag
 from .runner import NonFiniteLossError, RunStatus
 
 T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class BatchSplit:
+    """How a global batch is spread: per process, and within a process over accumulated micro-batches."""
+
+    global_batch: int
+    world_size: int
+    per_process: int
+    micro_batch: int
+    accumulation: int  # micro-batches per optimiser step
+
+
+def split_batch(global_batch: int, world_size: int, max_per_process: int = 0, key: str = "data.global_batch"
+                ) -> BatchSplit:
+    """The recipe states the global batch; the per-process batch follows from the world size, and where
+    one process cannot hold it (``max_per_process``, 0 = no limit) the gradients of the fewest equal
+    micro-batches that fit are accumulated. Raises ConfigError when the batch does not divide."""
+    if global_batch < 1 or global_batch % world_size:
+        raise ConfigError(f"{key}={global_batch} cannot be split evenly over {world_size} processes: choose a "
+                          f"multiple of {world_size}, or another number of processes")
+    per_process = global_batch // world_size
+    accumulation = 1
+    if max_per_process > 0:
+        accumulation = next(a for a in range(-(-per_process // max_per_process), per_process + 1)
+                            if per_process % a == 0)
+    return BatchSplit(global_batch, world_size, per_process, per_process // accumulation, accumulation)
+
+
+def grouped(items: Iterable[T], n: int) -> Iterator[list[T]]:
+    """Consecutive groups of ``n`` items (the micro-batches of one step); a short last group is dropped."""
+    it = iter(items)
+    try:
+        while len(group := list(itertools.islice(it, n))) == n:
+            yield group
+    finally:
+        _close(it)
+
+
+def autocast(device: torch.device, amp_dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
+    """Mixed precision on ``device`` with ``amp_dtype`` (bf16 on GPUs), or nothing when it is None."""
+    return torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None)
+
+
+def backward_accumulated(model: torch.nn.Module, micro_batches: Sequence[T], loss_of: Callable[[T], torch.Tensor],
+                         distributed: bool) -> torch.Tensor:
+    """Forward and backward over one step's micro-batches, each loss divided by their number, so the
+    gradients are those of the whole batch; under DDP they are all-reduced once, on the last one
+    (``no_sync`` before). Returns the step's loss (detached)."""
+    total = None
+    for k, batch in enumerate(micro_batches):
+        last = k == len(micro_batches) - 1
+        with contextlib.nullcontext() if last or not distributed else model.no_sync():
+            loss = loss_of(batch) / len(micro_batches)
+            loss.backward()
+        total = loss.detach() if total is None else total + loss.detach()
+    return total
 
 
 class _Window:
@@ -131,7 +192,6 @@ class TrainLoop:
                 if not self._recorded:
                     raise RuntimeError("the training step did not call TrainLoop.record()")
                 self.step += 1
-                progress.advance()
                 end_of_run = self.total_steps is not None and self.step >= self.total_steps
                 periodic = self.step % self.check_every == 0 or i + 1 == length or end_of_run
                 # Agreeing on a signal is an all-reduce (a sync): multi-process runs look only periodically.
@@ -140,6 +200,7 @@ class TrainLoop:
                 if periodic or stop:
                     self._check_finite()
                     self._write_train_record(progress)
+                progress.advance()  # after the record: a progress line shows this step's values
                 if stop and not end_of_run:  # on the last step, finishing is quicker than a requeue
                     self.save()
                     _close(it)

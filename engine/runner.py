@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import enum
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +25,7 @@ from . import distributed as distrib
 from .config import ConfigError, to_dict
 from .logs import setup_logging
 from .preemption import PreemptionFlag
+from .provenance import code_version, recipe_hash, write_run_record
 
 log = logging.getLogger("engine.runner")
 
@@ -97,12 +99,14 @@ def run_stage(
     state: RunDirState,
     make_trainer: Callable[[distrib.DistEnv, torch.device, PreemptionFlag], StageTrainer],
     preempt: PreemptionFlag | None = None,
+    provenance: dict[str, Any] | None = None,
 ) -> RunStatus:
     """Run (or resume) a checked run.
 
-    ``cfg`` needs ``run.dir``, ``train.deterministic`` and ``train.device``; ``state`` comes from the
-    stage's own checks (:func:`inspect_run_dir` among them), made on every rank before any loader or
-    worker exists.
+    ``cfg`` needs ``run.dir``, ``train.seed``, ``train.deterministic`` and ``train.device``; its class may
+    name the keys that cannot change a result (``NOT_RECIPE``), which the recipe hash leaves out.
+    ``state`` comes from the stage's own checks (:func:`inspect_run_dir` among them), made on every rank
+    before any loader or worker exists; ``provenance`` (e.g. the hashes of the inputs) goes into ``run.json``.
     """
     env = distrib.detect_env()
     run_dir = Path(cfg.run.dir)
@@ -115,6 +119,9 @@ def run_stage(
         setup_logging(env.rank, log_file=run_dir / "train.log")
         ckpt.remove_stale_temporaries(run_dir)
         record_config(cfg, run_dir)
+        write_run_record(run_dir, world_size=env.world_size, seed=cfg.train.seed, code_version=code_version(),
+                         recipe_hash=recipe_hash(to_dict(cfg), getattr(cfg, "NOT_RECIPE", ())),
+                         attempt_started=time.strftime("%Y-%m-%dT%H:%M:%S"), **(provenance or {}))
     log.info("process %d/%d (local %d) via %s", env.rank, env.world_size, env.local_rank, env.source)
     was_deterministic = torch.are_deterministic_algorithms_enabled()
     set_deterministic(cfg.train.deterministic)

@@ -23,8 +23,10 @@ from segmentation.network import build_segmentation_model
 __all__ = ["SEG_TRAIN_FORMAT", "SEG_WEIGHTS_FORMAT", "FinetuneCheckpoint", "FinetuneWeights", "identity",
            "load_model"]
 
-SEG_TRAIN_FORMAT = "lkm-seg-train-v1"
-SEG_WEIGHTS_FORMAT = "lkm-seg-weights-v1"
+# v2: model_args names the backbone's anti-aliasing; final.pth records the input normalisation and provenance.
+SEG_TRAIN_FORMAT = "lkm-seg-train-v2"
+SEG_WEIGHTS_FORMAT = "lkm-seg-weights-v2"
+READABLE = ("lkm-seg-train-v1", "lkm-seg-weights-v1", SEG_TRAIN_FORMAT, SEG_WEIGHTS_FORMAT)
 
 
 def identity(dataset: str, model_args: dict[str, Any]) -> dict[str, Any]:
@@ -76,7 +78,9 @@ class FinetuneWeights:
     config: dict[str, Any]
     state_dict: dict[str, torch.Tensor]
     iterations: int
+    normalization: list[list[float]]  # (mean, std) of the input, as the backbone was pretrained
     val: dict[str, Any] = field(default_factory=dict)
+    provenance: dict[str, Any] = field(default_factory=dict)  # recipe hash, world size, backbone weights' hash...
 
     def save(self, path: Path) -> Path:
         """Write atomically; refuses weights with NaN/inf (``engine.checkpoint.NonFiniteWeightsError``)."""
@@ -90,12 +94,15 @@ def load_model(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
     state_dict, _ = read_state_dict(path)  # checks the file, names it in any error
     full = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     meta = {k: v for k, v in full.items() if k not in ("model", "state_dict", "optimizer", "scaler", "rng")}
-    if meta.get("format") not in (SEG_TRAIN_FORMAT, SEG_WEIGHTS_FORMAT) or "model_args" not in meta:
+    if meta.get("format") not in READABLE or "model_args" not in meta:
         raise WeightsMismatchError(
             f"{path} is not a checkpoint of segmentation.finetune (format {meta.get('format', 'unknown')!r}); "
             "give the final.pth or a checkpoint_*.pt of a fine-tuning run directory")
     args = dict(meta["model_args"])
     model = build_segmentation_model(args.pop("backbone"), pretrained=None, **args)
+    if meta.get("normalization"):
+        mean, std = meta["normalization"]
+        model.normalization = (tuple(mean), tuple(std))
     missing, unexpected = model.load_state_dict(state_dict, strict=False)
     if missing or unexpected:
         raise WeightsMismatchError(f"{path}: weights do not fit the network it names ({meta['model_args']}): "

@@ -34,10 +34,11 @@ from torch import nn
 from backbone.weights import WeightsMismatchError
 from engine import distributed as distrib
 from engine.logs import Progress, setup_logging
+from engine.loop import autocast
 from segmentation.artifacts import load_model
 from segmentation.datasets import DatasetError, SegmentationDataset, build_samples, dataset_info, palette_for
 from segmentation.metrics import SegmentationMetrics, format_table
-from segmentation.transforms import eval_transform
+from segmentation.transforms import MEAN, STD, Normalization, eval_transform
 
 __all__ = ["MS_SCALES", "window_logits", "predict", "evaluate_dataset", "parse_scales", "main"]
 
@@ -95,7 +96,7 @@ def predict(model: nn.Module, x: torch.Tensor, scales: Sequence[float] = (1.0,),
                                             mode="bilinear", align_corners=False)
         views = [xs, torch.flip(xs, dims=[3])] if flip else [xs]
         for k, view in enumerate(views):
-            with torch.autocast(x.device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+            with autocast(x.device, amp_dtype):
                 out = window_logits(model, view, window, overlap).float()
             if k == 1:
                 out = torch.flip(out, dims=[3])
@@ -118,8 +119,8 @@ def save_prediction(path: Path, pred: np.ndarray, palette: np.ndarray) -> None:
 class _EvalImages(torch.utils.data.Dataset):
     """``(index, normalised image, label)`` of some images of a data set, read in loader workers."""
 
-    def __init__(self, dataset: SegmentationDataset, indices: Sequence[int]) -> None:
-        self.dataset, self.indices, self.to_input = dataset, list(indices), eval_transform()
+    def __init__(self, dataset: SegmentationDataset, indices: Sequence[int], normalization: Normalization) -> None:
+        self.dataset, self.indices, self.to_input = dataset, list(indices), eval_transform(normalization)
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -149,7 +150,8 @@ def evaluate_dataset(model: nn.Module, dataset: SegmentationDataset, device: tor
     metrics = SegmentationMetrics(dataset.num_classes, boundary_width, device=device)
     n = min(len(dataset), max_images) if max_images > 0 else len(dataset)
     mine = range(env.rank, n, env.world_size)
-    loader = torch.utils.data.DataLoader(_EvalImages(dataset, mine), batch_size=1, collate_fn=_single,
+    normalization = getattr(model, "normalization", (MEAN, STD))
+    loader = torch.utils.data.DataLoader(_EvalImages(dataset, mine, normalization), batch_size=1, collate_fn=_single,
                                          num_workers=min(num_workers, len(mine)), pin_memory=device.type == "cuda")
     for i, image, label in Progress(loader, len(mine), "evaluate", enabled=env.is_main, every_s=progress_every_s,
                                     logger=log):

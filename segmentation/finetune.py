@@ -36,14 +36,16 @@ if __name__ == "__main__" and not __package__:
 import torch
 from torch import nn
 
+from backbone.antialias import AUTO, blurred_convs
 from backbone.models import check_model_name
-from backbone.weights import WeightsMismatchError, load_weights
+from backbone.weights import WeightsMismatchError, load_weights, read_state_dict
 from engine import checkpoint as ckpt
 from engine import distributed as distrib
 from engine.config import ConfigError, argument_parser, describe_keys, load_config, to_dict
 from engine.logs import MetricsWriter
-from engine.loop import TrainLoop
+from engine.loop import TrainLoop, autocast, backward_accumulated, grouped, split_batch
 from engine.preemption import PreemptionFlag
+from engine.provenance import file_sha256, read_run_record
 from engine.runner import NonFiniteLossError, RunDirState, RunStatus, inspect_run_dir, run_stage
 from segmentation.artifacts import FinetuneCheckpoint, FinetuneWeights, identity
 from segmentation.datasets import (
@@ -73,6 +75,8 @@ class ModelConfig:
     kernel_size: int = 15  # k of the GCN / conv / stack heads
     pretrained: str = ""  # backbone weights: pretraining final.pth, "timm[:TAG]", or "" (random init)
     init_from: str = ""  # whole-network weights of a previous stage (its final.pth); overrides pretrained
+    # the backbone's anti-aliasing: auto = as the weights were trained (none for random init)
+    anti_aliasing: Literal["auto", "blurpool", "none"] = "auto"
     sync_bn: bool = True  # SyncBatchNorm across GPUs under DDP (small per-GPU batches)
 
 
@@ -87,8 +91,12 @@ class DataConfig:
     scale_min: float = 0.5
     scale_max: float = 2.0
     hflip: bool = True
-    batch_size: int = 8  # per process (per GPU)
+    global_batch: int = 64  # images per optimiser step over all processes (the recipe's batch)
+    max_batch_per_process: int = 0  # a process holding more accumulates gradients over micro-batches; 0: no limit
     num_workers: int = 4  # DataLoader worker processes per GPU
+
+    RENAMED = {"batch_size": "the recipe now states the batch over all processes: data.global_batch (e.g. 8 per "
+                             "GPU on 8 GPUs is data.global_batch=64)"}
 
 
 @dataclass
@@ -138,6 +146,12 @@ class FinetuneConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     run: RunConfig = field(default_factory=RunConfig)
 
+    # Keys that cannot change the trained network: paths (the weights it starts from are identified by
+    # content in run.json), machine settings, logging. Everything else is the recipe.
+    NOT_RECIPE = ("model.pretrained", "model.init_from", "data.root", "data.sbd_root", "data.num_workers",
+                  "train.device", "train.deterministic", "eval.every", "run.dir", "run.keep_checkpoints",
+                  "run.log_every_s", "run.check_every_steps")
+
     def validate(self) -> None:
         if self.model.head not in HEADS:
             raise ConfigError(f"model.head={self.model.head!r} is not one of {', '.join(HEADS)}")
@@ -145,7 +159,7 @@ class FinetuneConfig:
             raise ConfigError(f"data.dataset={self.data.dataset!r} is not one of {', '.join(DATASETS)}")
         if self.train.iterations <= 0 and self.train.epochs <= 0:
             raise ConfigError("set train.iterations (or train.epochs with train.iterations=0)")
-        for key, value in (("data.batch_size", self.data.batch_size), ("data.crop_size", self.data.crop_size),
+        for key, value in (("data.global_batch", self.data.global_batch), ("data.crop_size", self.data.crop_size),
                            ("run.checkpoint_every", self.run.checkpoint_every),
                            ("run.check_every_steps", self.run.check_every_steps)):
             if value < 1:
@@ -157,16 +171,34 @@ class FinetuneConfig:
             self.run.dir = f"runs/finetune/{self.data.dataset}_{self.model.backbone}_{self.model.head}"
 
 
-def model_args(cfg: FinetuneConfig) -> dict[str, Any]:
-    """What rebuilds the network (``build_segmentation_model`` keywords)."""
+def model_args(cfg: FinetuneConfig, anti_aliasing: str | None) -> dict[str, Any]:
+    """What rebuilds the network (``build_segmentation_model`` keywords); ``anti_aliasing`` as resolved by
+    :func:`resolve_anti_aliasing`."""
     num_classes, _ = dataset_info(cfg.data.dataset)
     return {"backbone": cfg.model.backbone, "head": cfg.model.head, "num_classes": num_classes,
-            "kernel_size": cfg.model.kernel_size}
+            "kernel_size": cfg.model.kernel_size, "anti_aliasing": anti_aliasing}
 
 
-def expected_identity(cfg: FinetuneConfig) -> dict[str, Any]:
+def resolve_anti_aliasing(cfg: FinetuneConfig) -> str | None:
+    """The backbone's anti-aliasing: what the weights this run starts from were trained with, checked
+    against ``model.anti_aliasing`` (``auto`` follows them)."""
+    m = cfg.model
+    asked = {"none": None}.get(m.anti_aliasing, m.anti_aliasing)
+    if m.init_from:
+        trained = read_state_dict(m.init_from)[1].get("model_args", {}).get("anti_aliasing")
+    elif m.pretrained and not m.pretrained.startswith("timm"):
+        trained = "blurpool" if blurred_convs(read_state_dict(m.pretrained)[0]) else None
+    else:  # random init or timm's weights: as asked
+        return None if asked == AUTO else asked
+    if asked not in (AUTO, trained):
+        raise ConfigError(f"model.anti_aliasing={m.anti_aliasing} but {m.init_from or m.pretrained} was trained with "
+                          f"anti_aliasing={trained}: use model.anti_aliasing=auto to follow the weights")
+    return trained
+
+
+def expected_identity(cfg: FinetuneConfig, anti_aliasing: str | None) -> dict[str, Any]:
     """What a checkpoint in ``run.dir`` must match to be resumed by this run."""
-    return identity(cfg.data.dataset, model_args(cfg))
+    return identity(cfg.data.dataset, model_args(cfg, anti_aliasing))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -225,6 +257,7 @@ class FinetuneInputs:
 
     train: list[Sample]
     val: list[Sample]
+    anti_aliasing: str | None  # the backbone's, resolved from the weights the run starts from
     run: RunDirState
 
 
@@ -243,15 +276,23 @@ def check_inputs(cfg: FinetuneConfig) -> FinetuneInputs:
         path = getattr(cfg.model, key)
         if path and not path.startswith("timm") and not Path(path).is_file():
             raise ConfigError(f"model.{key}: {path} does not exist")
-    return FinetuneInputs(train, val, inspect_run_dir(cfg.run.dir, expected_identity(cfg)))
+    try:
+        anti_aliasing = resolve_anti_aliasing(cfg)
+    except WeightsMismatchError as e:
+        raise ConfigError(str(e)) from e
+    state = inspect_run_dir(cfg.run.dir, expected_identity(cfg, anti_aliasing))
+    return FinetuneInputs(train, val, anti_aliasing, state)
 
 
-def build_model(cfg: FinetuneConfig) -> nn.Module:
+def build_model(cfg: FinetuneConfig, anti_aliasing: str | None = AUTO) -> nn.Module:
+    """The network of ``cfg`` with the weights it starts from; ``anti_aliasing`` as resolved (default: resolve it)."""
+    if anti_aliasing == AUTO:
+        anti_aliasing = resolve_anti_aliasing(cfg)
     m = cfg.model
     pretrained = m.pretrained or None
     if m.init_from:
         pretrained = None  # the previous stage's weights replace the backbone's anyway
-    model = build_segmentation_model(pretrained=pretrained, **model_args(cfg))
+    model = build_segmentation_model(pretrained=pretrained, **model_args(cfg, anti_aliasing))
     if m.init_from:
         meta = load_weights(model, m.init_from, optional_prefixes=(), model_name=f"{m.backbone}+{m.head}")
         log.info("initialised the whole network from %s (%s)", m.init_from,
@@ -274,7 +315,8 @@ class Finetuner:
         self.num_classes, self.classes = dataset_info(cfg.data.dataset)
 
         torch.manual_seed(cfg.train.seed)  # the same new-layer initialisation on every rank
-        model = build_model(cfg)
+        self.model_args = model_args(cfg, inputs.anti_aliasing)
+        model = build_model(cfg, inputs.anti_aliasing)
         if env.distributed and self.on_gpu and cfg.model.sync_bn:
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         self.model = model.to(device, memory_format=self.memory_format)
@@ -286,17 +328,19 @@ class Finetuner:
 
         d = cfg.data
         self.train_set = SegmentationDataset(inputs.train, self.num_classes, train_transform(
-            d.crop_size, (d.scale_min, d.scale_max), d.hflip))
+            d.crop_size, (d.scale_min, d.scale_max), d.hflip, model.normalization))
         self.val_set = SegmentationDataset(inputs.val, self.num_classes)
-        self.sampler = EpochSampler(len(self.train_set), d.batch_size, env.rank, env.world_size, cfg.train.seed)
+        self.batch = split_batch(d.global_batch, env.world_size, d.max_batch_per_process)
+        self.sampler = EpochSampler(len(self.train_set), self.batch.per_process, env.rank, env.world_size,
+                                    cfg.train.seed)
         if self.sampler.steps_per_epoch == 0:
             raise ConfigError(f"{d.dataset}/{d.train_split} has {len(self.train_set)} images, fewer than one "
-                              f"global batch ({d.batch_size} x {env.world_size} processes): lower data.batch_size")
+                              f"global batch (data.global_batch={d.global_batch}): lower it")
         self.loader = torch.utils.data.DataLoader(
-            self.train_set, batch_size=d.batch_size, sampler=self.sampler, num_workers=d.num_workers,
+            self.train_set, batch_size=self.batch.micro_batch, sampler=self.sampler, num_workers=d.num_workers,
             pin_memory=self.on_gpu, persistent_workers=d.num_workers > 0, drop_last=True,
             generator=torch.Generator().manual_seed(cfg.train.seed))  # not the global RNG
-        self.global_batch = d.batch_size * env.world_size
+        self.global_batch = d.global_batch
         self.total = cfg.train.iterations or max(1, round(cfg.train.epochs * self.sampler.steps_per_epoch))
 
         self.epoch, self.step_in_epoch = 0, 0
@@ -314,19 +358,20 @@ class Finetuner:
     # --- checkpoints --------------------------------------------------------------------------
     def checkpoint_state(self, rng: list[dict[str, Any]]) -> dict[str, Any]:
         return FinetuneCheckpoint(
-            dataset=self.cfg.data.dataset, model_args=model_args(self.cfg), classes=list(self.classes),
+            dataset=self.cfg.data.dataset, model_args=self.model_args, classes=list(self.classes),
             config=to_dict(self.cfg), model=self.model.state_dict(), optimizer=self.optimizer.state_dict(),
             step=self.loop.step, epoch=self.epoch, step_in_epoch=self.step_in_epoch, total_steps=self.total,
             global_batch=self.global_batch, world_size=self.env.world_size, rng=rng, last_val=self.last_val,
         ).to_dict()
 
     def resume(self, path: Path) -> None:
-        state = FinetuneCheckpoint.load(path, expected_identity(self.cfg))
-        if state.global_batch != self.global_batch or state.total_steps != self.total:
+        state = FinetuneCheckpoint.load(path, identity(self.cfg.data.dataset, self.model_args))
+        if (state.global_batch, state.world_size, state.total_steps) != (self.global_batch, self.env.world_size,
+                                                                         self.total):
             raise ckpt.CheckpointError(
-                f"{path} was trained with a global batch of {state.global_batch} for {state.total_steps} "
-                f"iterations; this run has {self.global_batch} (data.batch_size x {self.env.world_size} "
-                f"processes) for {self.total}: resume with the same settings, or use another run.dir")
+                f"{path} was trained with a global batch of {state.global_batch} on {state.world_size} processes "
+                f"for {state.total_steps} iterations; this run has {self.global_batch} on {self.env.world_size} "
+                f"for {self.total}: resume with the same settings, or use another run.dir")
         self.model.load_state_dict(state.model)
         self.optimizer.load_state_dict(state.optimizer)
         self.loop.step, self.epoch, self.step_in_epoch = state.step, state.epoch, state.step_in_epoch
@@ -336,26 +381,31 @@ class Finetuner:
                  self.epoch)
 
     def write_final(self) -> Path:
-        final = FinetuneWeights(dataset=self.cfg.data.dataset, model_args=model_args(self.cfg),
+        final = FinetuneWeights(dataset=self.cfg.data.dataset, model_args=self.model_args,
                                 classes=list(self.classes), config=to_dict(self.cfg),
                                 state_dict=ckpt.export_weights(self.model), iterations=self.loop.step,
-                                val=self.last_val)
+                                normalization=[list(v) for v in self.model.normalization], val=self.last_val,
+                                provenance=read_run_record(self.run_dir))
         return final.save(self.run_dir / "final.pth")
 
     # --- loops --------------------------------------------------------------------------------
-    def batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Training batches across epochs, from where the run stands (epoch, batch within it)."""
+    def batches(self) -> Iterator[list[tuple[torch.Tensor, torch.Tensor]]]:
+        """Each step's micro-batches across epochs, from where the run stands (epoch, step within it)."""
         while True:
             self.sampler.set_epoch(self.epoch, self.step_in_epoch)
-            for batch in self.loader:
+            for micro_batches in grouped(self.loader, self.batch.accumulation):
                 self.step_in_epoch += 1
-                yield batch
+                yield micro_batches
             self.epoch, self.step_in_epoch = self.epoch + 1, 0
 
-    def loss(self, logits: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+    def loss(self, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         """Mean cross-entropy over the labelled pixels; 0 (not 0/0 = NaN) for a batch that is all void."""
-        total = self.criterion(logits.float(), masks)
-        return total / (masks != IGNORE_INDEX).sum().clamp(min=1)
+        images, masks = batch
+        images = images.to(self.device, non_blocking=True).contiguous(memory_format=self.memory_format)
+        masks = masks.to(self.device, non_blocking=True)
+        with autocast(self.device, self.amp_dtype):
+            logits = self.ddp(images)
+        return self.criterion(logits.float(), masks) / (masks != IGNORE_INDEX).sum().clamp(min=1)
 
     def fit(self) -> RunStatus:
         """Train to the end, or until a signal (then a checkpoint is on disk and the job requeued)."""
@@ -367,27 +417,22 @@ class Finetuner:
                      self.env.world_size, self.sampler.steps_per_epoch, cfg.optim.lr, cfg.optim.head_lr_mult)
         self.model.train()
         start = self.loop.step
-        for images, masks in self.loop.steps(self.batches(), length=self.total - start, total=self.total,
+        for micro_batches in self.loop.steps(self.batches(), length=self.total - start, total=self.total,
                                              initial=start, desc="fine-tune"):
             lr = poly_lr(cfg.optim.lr, self.loop.step, self.total, cfg.optim.power)
-            loss = self.train_step(images, masks, lr)
-            self.loop.record(loss, images.shape[0], epoch=self.epoch, lr=lr)
+            loss = self.train_step(micro_batches, lr)
+            self.loop.record(loss, self.batch.per_process, epoch=self.epoch, lr=lr)
             step = self.loop.step + 1
             if step == self.total or (cfg.eval.every and step % cfg.eval.every == 0):
                 self.validate(step)
         return RunStatus.PREEMPTED if self.loop.preempted else RunStatus.FINISHED
 
-    def train_step(self, images: torch.Tensor, masks: torch.Tensor, lr: float) -> torch.Tensor:
+    def train_step(self, micro_batches: list[tuple[torch.Tensor, torch.Tensor]], lr: float) -> torch.Tensor:
+        """One optimiser step over this process's share of the global batch (its micro-batches)."""
         for group in self.optimizer.param_groups:
             group["lr"] = lr * group["lr_mult"]
-        images = images.to(self.device, non_blocking=True).contiguous(memory_format=self.memory_format)
-        masks = masks.to(self.device, non_blocking=True)
-        with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
-                            enabled=self.amp_dtype is not None):
-            logits = self.ddp(images)
-        loss = self.loss(logits, masks)
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        loss = backward_accumulated(self.ddp, micro_batches, self.loss, self.env.distributed)
         self.optimizer.step()
         return loss
 
@@ -413,7 +458,22 @@ class Finetuner:
 def run(cfg: FinetuneConfig, preempt: PreemptionFlag | None = None) -> RunStatus:
     """Fine-tune (or resume) the run of ``cfg``."""
     inputs = check_inputs(cfg)  # every rank checks; errors before any worker exists
-    return run_stage(cfg, inputs.run, lambda env, device, flag: Finetuner(cfg, inputs, env, device, flag), preempt)
+    return run_stage(cfg, inputs.run, lambda env, device, flag: Finetuner(cfg, inputs, env, device, flag), preempt,
+                     provenance=provenance_of(cfg, inputs))
+
+
+def provenance_of(cfg: FinetuneConfig, inputs: FinetuneInputs) -> dict[str, Any]:
+    """What run.json records beyond the recipe: the weights the run starts from (by content), the data."""
+    record: dict[str, Any] = {"global_batch": cfg.data.global_batch,
+                              "data": {"dataset": cfg.data.dataset, "root": str(Path(cfg.data.root).resolve()),
+                                       "train_images": len(inputs.train), "val_images": len(inputs.val)}}
+    for key in ("pretrained", "init_from"):
+        path = getattr(cfg.model, key)
+        if path and not path.startswith("timm"):
+            record[key] = {"path": str(Path(path).resolve()), "sha256": file_sha256(path)}
+        elif path:
+            record[key] = {"timm": path}
+    return record
 
 
 def parse_args(argv: Sequence[str] | None = None) -> tuple[Path | None, list[str]]:

@@ -28,8 +28,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from backbone.models import check_model_name
-from backbone.weights import load_weights
+from backbone.antialias import AUTO, anti_aliasing_of
+from backbone.artifacts import load_backbone
+from backbone.models import check_model_name, create_backbone
+from segmentation.transforms import MEAN, STD
 
 from .heads import HEADS, BoundaryRefinement, bilinear_deconv, make_score_head
 
@@ -151,36 +153,34 @@ def _is_timm_spec(pretrained: str) -> bool:
     return pretrained == TIMM_PREFIX or pretrained.startswith(TIMM_PREFIX + ":")
 
 
-def _classifier_prefixes(model: nn.Module) -> tuple[str, ...]:
-    classifier = (getattr(model, "pretrained_cfg", None) or {}).get("classifier", "fc")
-    names = classifier if isinstance(classifier, (tuple, list)) else (classifier,)
-    return tuple(f"{name}." for name in names)
-
-
 def _create_encoder(
-    backbone: str, pretrained: str | Path | None, out_indices: tuple[int, ...], backbone_kwargs: dict
+    backbone: str, pretrained: str | Path | None, out_indices: tuple[int, ...], anti_aliasing: str | None,
+    backbone_kwargs: dict,
 ) -> tuple[nn.Module, dict]:
-    """The ``features_only`` backbone with its weights, and the checkpoint's meta dict ({} if none)."""
+    """The ``features_only`` backbone with its weights, and the checkpoint's meta dict ({} if none).
+
+    A checkpoint file rebuilds the network it was trained as (``backbone.artifacts.load_backbone``:
+    its anti-aliasing and constructor arguments); a contradicting request is an error.
+    """
     features = dict(features_only=True, out_indices=out_indices, **backbone_kwargs)
     if pretrained is None:
-        return timm.create_model(backbone, **features), {}
+        return create_backbone(backbone, anti_aliasing=None if anti_aliasing == AUTO else anti_aliasing,
+                               **features), {}
     if isinstance(pretrained, str) and _is_timm_spec(pretrained):
         name = _timm_weights_name(backbone, pretrained)
+        if anti_aliasing not in (AUTO, None):
+            raise ValueError(f"timm's weights {name!r} were not trained with anti_aliasing={anti_aliasing!r}")
         try:
-            return timm.create_model(name, pretrained=True, **features), {"model_name": name}
+            return create_backbone(name, pretrained=True, **features), {"model_name": name}
         except OSError as e:  # no network, no Hugging Face cache entry, proxy refusing...
             raise RuntimeError(
                 f"could not fetch timm's pretrained weights {name!r} ({type(e).__name__}: {e}). "
                 f"Fix: run once where huggingface.co is reachable (the weights are then cached in "
                 f"~/.cache/huggingface), or pass a local checkpoint file as pretrained."
             ) from e
-    # A checkpoint file: check and load it into the classification model (errors name the file and the keys),
-    # then let timm carry the weights into the features_only wrapper, whose module names may differ.
-    full = timm.create_model(backbone, **backbone_kwargs)
-    meta = load_weights(full, pretrained, optional_prefixes=_classifier_prefixes(full), model_name=backbone)
+    encoder, meta = load_backbone(pretrained, name=backbone, anti_aliasing=anti_aliasing, **features)
     _log.info("backbone %s: loaded weights from %s", backbone, pretrained)
-    overlay = dict(state_dict=full.state_dict())
-    return timm.create_model(backbone, pretrained=True, pretrained_cfg_overlay=overlay, **features), meta
+    return encoder, meta
 
 
 def build_segmentation_model(
@@ -192,6 +192,7 @@ def build_segmentation_model(
     br: bool | None = None,
     *,
     stack_channels: int | None = None,
+    anti_aliasing: str | None = AUTO,
     **backbone_kwargs,
 ) -> GCNSegmentationNet:
     """The Figure 2 network on timm backbone ``backbone`` (e.g. ``resnet50``, ``resnet50_gcn``).
@@ -205,6 +206,9 @@ def build_segmentation_model(
             ``"timm:ARCH.TAG"`` for timm's published weights (needs the network or a cached copy).
         br: Boundary Refinement blocks on or off; None means on exactly for ``head="gcn_br"``.
         stack_channels: m of the ``stack`` head (default: each stage's own channel count).
+        anti_aliasing: the backbone's (``backbone.antialias``): ``'auto'`` follows the pretrained weights
+            (none for random init), ``'blurpool'`` or None ask for it (a contradiction with the weights is
+            an error).
         backbone_kwargs: passed to ``timm.create_model`` (e.g. ``drop_path_rate=0.1``).
 
     Raises ValueError for an unknown backbone/head or a bad k, FileNotFoundError for a missing
@@ -220,7 +224,7 @@ def build_segmentation_model(
     with torch.device("meta"):  # a bad k or m fails here, before the backbone is built
         make_score_head(head, 1, num_classes, kernel_size, stack_channels=stack_channels)
     out_indices = stage_indices(backbone, **backbone_kwargs)
-    encoder, meta = _create_encoder(backbone, pretrained, out_indices, backbone_kwargs)
+    encoder, meta = _create_encoder(backbone, pretrained, out_indices, anti_aliasing, backbone_kwargs)
     info = encoder.feature_info
     model = GCNSegmentationNet(
         encoder,
@@ -233,6 +237,10 @@ def build_segmentation_model(
         stack_channels=stack_channels,
     )
     model.backbone_name = backbone
+    model.anti_aliasing = anti_aliasing_of(encoder)
+    # the input normalisation the backbone was trained with (its pretrained_cfg), for the transforms
+    trained = meta.get("pretrained_cfg") or getattr(encoder, "pretrained_cfg", None) or {}
+    model.normalization = (tuple(trained.get("mean", MEAN)), tuple(trained.get("std", STD)))
     model.pretrained_meta = meta
     return model
 

@@ -19,9 +19,16 @@ from torchvision.transforms.v2 import functional as F
 
 from .datasets import IGNORE_INDEX
 
-__all__ = ["MEAN", "STD", "RandomScale", "PadToSize", "train_transform", "eval_transform"]
+__all__ = ["MEAN", "STD", "Normalization", "RandomScale", "PadToSize", "train_transform", "eval_transform"]
 
-MEAN_PIXEL = tuple(round(255 * m) for m in MEAN)  # padding value of uint8 images (0 after normalising)
+# (mean, std) per channel of the [0, 1] image: the backbone's pretraining records it (timm's
+# pretrained_cfg) and the segmentation network carries it as ``model.normalization``.
+Normalization = tuple[tuple[float, ...], tuple[float, ...]]
+
+
+def mean_pixel(mean: tuple[float, ...] = MEAN) -> tuple[int, ...]:
+    """The uint8 padding value that becomes 0 after normalising."""
+    return tuple(round(255 * m) for m in mean)
 
 
 class RandomScale(v2.Transform):
@@ -47,10 +54,11 @@ class RandomScale(v2.Transform):
 class PadToSize(v2.Transform):
     """Pad at the bottom and right to at least ``size`` (h, w): images with ``image_fill``, masks with 255."""
 
-    def __init__(self, size: tuple[int, int], image_fill: tuple[int, ...] = MEAN_PIXEL,
+    def __init__(self, size: tuple[int, int], image_fill: tuple[int, ...] | None = None,
                  mask_fill: int = IGNORE_INDEX):
         super().__init__()
-        self.size, self.image_fill, self.mask_fill = tuple(size), list(image_fill), mask_fill
+        self.size, self.mask_fill = tuple(size), mask_fill
+        self.image_fill = list(image_fill if image_fill is not None else mean_pixel())
 
     def make_params(self, flat_inputs: list[Any]) -> dict[str, Any]:
         h, w = v2.query_size(flat_inputs)
@@ -63,23 +71,24 @@ class PadToSize(v2.Transform):
         return self._call_kernel(F.pad, inpt, padding=params["padding"], fill=fill)
 
 
-def _to_model_input() -> list[v2.Transform]:
+def _to_model_input(normalization: Normalization) -> list[v2.Transform]:
     return [
         v2.ToDtype({tv_tensors.Image: torch.float32, tv_tensors.Mask: torch.int64, "others": None}, scale=True),
-        v2.Normalize(MEAN, STD),
+        v2.Normalize(*normalization),
     ]
 
 
 def train_transform(crop_size: int | tuple[int, int], scale: tuple[float, float] = (0.5, 2.0),
-                    hflip: bool = True) -> v2.Compose:
+                    hflip: bool = True, normalization: Normalization = (MEAN, STD)) -> v2.Compose:
     """Scale, pad, crop, flip, normalise: (uint8 Image, Mask) -> (float 3xHxW, int64 HxW)."""
     size = (crop_size, crop_size) if isinstance(crop_size, int) else tuple(crop_size)
-    steps: list[v2.Transform] = [RandomScale(*scale), PadToSize(size), v2.RandomCrop(size)]
+    steps: list[v2.Transform] = [RandomScale(*scale), PadToSize(size, mean_pixel(normalization[0])),
+                                 v2.RandomCrop(size)]
     if hflip:
         steps.append(v2.RandomHorizontalFlip())
-    return v2.Compose(steps + _to_model_input())
+    return v2.Compose(steps + _to_model_input(normalization))
 
 
-def eval_transform() -> v2.Compose:
+def eval_transform(normalization: Normalization = (MEAN, STD)) -> v2.Compose:
     """The whole image at its own size, normalised (scales and windows are the evaluator's business)."""
-    return v2.Compose(_to_model_input())
+    return v2.Compose(_to_model_input(normalization))

@@ -48,7 +48,7 @@ def tiny_overrides(d: dict[str, Path], output: Path, backbones=BACKBONES, heads=
     return [
         f"output={output}", f"backbones=[{', '.join(backbones)}]", f"heads=[{', '.join(heads)}]",
         "pretrain.config=configs/pretrain/tiny_cpu.yaml",
-        f"pretrain.overrides=[data.train={d['train']}, data.val={d['val']}, train.epochs=1, data.batch_size=8, "
+        f"pretrain.overrides=[data.train={d['train']}, data.val={d['val']}, train.epochs=1, data.global_batch=8, "
         "train.deterministic=false]",
         "finetune.config=configs/segmentation/tiny_cpu.yaml",
         f"finetune.overrides=[data.root={d['voc']}, data.sbd_root={d['sbd']}, data.train_split=train_aug, "

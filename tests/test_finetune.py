@@ -23,6 +23,7 @@ from engine import checkpoint as ckpt
 from engine.config import ConfigError, load_config
 from engine.logs import read_metrics
 from segmentation import evaluate
+from segmentation.artifacts import SEG_TRAIN_FORMAT
 from segmentation.datasets import voc_palette
 from segmentation.finetune import (
     EpochSampler,
@@ -96,8 +97,9 @@ def test_overfits_a_handful_of_images(overfit: Path) -> None:
     assert {"pixel_acc", "boundary_acc", "internal_acc", "per_class_iou"} <= val[-1].keys()
     assert train[-1]["loss"] < train[0]["loss"] / 5 and train[-1]["lr"] < train[0]["lr"]
     final = torch.load(overfit / "final.pth", weights_only=True)
-    assert final["format"] == "lkm-seg-weights-v1" and final["val"]["miou"] == val[-1]["miou"]
-    assert final["model_args"] == {"backbone": "resnet10t", "head": "gcn_br", "num_classes": 21, "kernel_size": 7}
+    assert final["format"] == "lkm-seg-weights-v2" and final["val"]["miou"] == val[-1]["miou"]
+    assert final["model_args"] == {"backbone": "resnet10t", "head": "gcn_br", "num_classes": 21, "kernel_size": 7,
+                                   "anti_aliasing": None}
     assert (overfit / "config.yaml").exists() and "val mIoU" in (overfit / "train.log").read_text()
 
 
@@ -147,7 +149,7 @@ def test_window_fusion_and_multiscale_prediction() -> None:
 @pytest.mark.slow
 def test_interrupted_run_resumes_to_identical_weights(devkit: Path, tmp_path: Path,
                                                       caplog: pytest.LogCaptureFixture) -> None:
-    short = ("train.iterations=8", "eval.every=0", "run.checkpoint_every=3", "data.batch_size=2")
+    short = ("train.iterations=8", "eval.every=0", "run.checkpoint_every=3", "data.global_batch=2")
     # Float sums depend on the CPU thread count (and importing ffcv elsewhere in the suite changes this
     # process's), so the subprocess and this process run with one thread each.
     threads = torch.get_num_threads()
@@ -210,7 +212,7 @@ def test_bad_inputs_are_refused_before_training(devkit: Path, tmp_path: Path, ca
     # a run directory holding another network's checkpoint: refused, nothing touched
     other = tmp_path / "other"
     other.mkdir()
-    ckpt.save_checkpoint({"format": "lkm-seg-train-v1", "dataset": "voc", "backbone": "resnet18", "head": "gcn_br",
+    ckpt.save_checkpoint({"format": SEG_TRAIN_FORMAT, "dataset": "voc", "backbone": "resnet18", "head": "gcn_br",
                           "num_classes": 21, "kernel_size": 7}, other, 3)
     before = {p.name: p.read_bytes() for p in other.iterdir()}
     assert main(["--config", str(TINY), f"data.root={devkit}", f"run.dir={other}"]) == 2
@@ -246,7 +248,7 @@ def test_sbatch_two_tasks(slurm_cluster: dict, devkit: Path, tmp_path: Path) -> 
         ["sbatch", "--parsable", "--nodes=1", "--ntasks-per-node=2", "--gpus-per-node=0", "--cpus-per-task=1",
          "--time=30", f"--output={tmp_path}/%x-%j.out", "slurm/segmentation_finetune.sh", str(TINY),
          f"data.root={devkit}", f"run.dir={run_dir}", "train.iterations=4", "eval.every=0",
-         "data.batch_size=2"], cwd=ROOT, env=env, capture_output=True, text=True, check=True).stdout.strip()
+         "data.global_batch=4"], cwd=ROOT, env=env, capture_output=True, text=True, check=True).stdout.strip()
     job = job.split(";")[0]
     try:  # poll every second (sbatch --wait backs off to long sleeps)
         deadline = time.monotonic() + 420

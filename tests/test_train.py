@@ -12,6 +12,8 @@ import torch
 from signal_after import SignalAfter
 
 import backbone
+from backbone.antialias import anti_aliasing_of
+from backbone.artifacts import load_backbone
 from backbone.train import (
     NonFiniteLossError,
     PretrainConfig,
@@ -92,15 +94,17 @@ def test_metrics_and_final_weights_load_through_timm(uninterrupted: Path) -> Non
     assert {r["resolution"] for r in train} == {32, 64}  # progressive resizing over the ramp
 
     final = torch.load(uninterrupted / "final.pth", weights_only=True)
-    assert final["format"] == "lkm-weights-v1" and final["model_name"] == "resnet18"
-    assert final["num_classes"] == 4
+    assert final["format"] == "lkm-weights-v2" and final["model_name"] == "resnet18"
+    assert final["num_classes"] == 4 and final["model_kwargs"] == {"anti_aliasing": "blurpool"}
+    assert final["provenance"]["world_size"] == 1 and final["provenance"]["global_batch"] == 16
     for path in (uninterrupted / "final.pth", ckpt.latest_checkpoint(uninterrupted)):
-        model = timm.create_model("resnet18", pretrained=True, num_classes=4, aa_layer=timm.layers.BlurPool2d,
-                                  pretrained_cfg_overlay=dict(file=str(path), num_classes=4))
+        model, _ = load_backbone(path)  # the network as trained: blurred strided convs, 4 classes
+        assert anti_aliasing_of(model) == "blurpool" and model.fc.out_features == 4
         assert all(torch.equal(v, final["state_dict"][k]) for k, v in model.state_dict().items())
-    model = timm.create_model("resnet18", num_classes=4)
-    meta = backbone.load_weights(model, uninterrupted / "final.pth")
-    assert meta["model_name"] == "resnet18" and torch.equal(model.fc.weight, final["state_dict"]["fc.weight"])
+        # timm's own resnet18 cannot build the blur: its loaders refuse the weights instead of ignoring it
+        with pytest.raises(RuntimeError, match="blur_filter"):
+            timm.create_model("resnet18", pretrained=True, num_classes=4,
+                              pretrained_cfg_overlay=dict(file=str(path), num_classes=4))
     with pytest.raises(backbone.WeightsMismatchError, match="final.pth"):
         backbone.load_weights(timm.create_model("resnet34", num_classes=4), uninterrupted / "final.pth")
 
@@ -149,8 +153,9 @@ def test_resnet50_gcn_end_to_end(pretrain_betons: dict[str, Path], tmp_path: Pat
     run_dir = tmp_path / "gcn"
     assert run(tiny(pretrain_betons, run_dir, "model.name=resnet50_gcn", "train.epochs=1",
                     "resolution.max_res=32")) == "finished"
-    model = timm.create_model("resnet50_gcn", pretrained=True, num_classes=4, aa_layer=timm.layers.BlurPool2d,
-                              pretrained_cfg_overlay=dict(file=str(run_dir / "final.pth"), num_classes=4))
+    model = timm.create_model("resnet50_gcn", pretrained=True,  # follows the weights: 4 classes, blurred
+                              pretrained_cfg_overlay=dict(file=str(run_dir / "final.pth")))
+    assert anti_aliasing_of(model) == "blurpool" and model.fc.out_features == 4
     final = torch.load(run_dir / "final.pth", weights_only=True)
     assert final["model_name"] == "resnet50_gcn"
     assert all(torch.equal(v, final["state_dict"][k]) for k, v in model.state_dict().items())
