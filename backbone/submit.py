@@ -23,6 +23,7 @@ import submitit
 
 from engine.checkpoint import CheckpointError
 from engine.config import ConfigError, load_config
+from engine.slurm import Cluster, SlurmResources, submitit_executor
 
 
 class PretrainJob(submitit.helpers.Checkpointable):
@@ -86,29 +87,24 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def resources(args: argparse.Namespace) -> SlurmResources:
+    """The job's resources from the command line; one task per GPU unless --tasks-per-node says otherwise."""
+    return SlurmResources(
+        nodes=args.nodes, tasks_per_node=args.tasks_per_node or max(args.gpus_per_node, 1),
+        gpus_per_node=args.gpus_per_node, cpus_per_task=args.cpus_per_task, time=args.timeout_min,
+        mem_gb=args.mem_gb or 0, partition=args.partition or "", account=args.account or "", qos=args.qos or "",
+        signal_delay_s=args.signal_delay_s)  # the signal itself is submitit's own
+
+
+def cluster(args: argparse.Namespace) -> Cluster:
+    """Where the job runs: debug (this process), local (processes here) or slurm."""
+    return "debug" if args.debug else "local" if args.local else "slurm"
+
+
 def make_executor(args: argparse.Namespace) -> submitit.Executor:
-    cluster = "debug" if args.debug else "local" if args.local else "slurm"
-    executor = submitit.AutoExecutor(folder=str(args.folder / "%j"), cluster=cluster,
-                                     slurm_max_num_timeout=args.max_requeues)
-    # the debug executor runs the job once, in this process: a single task
-    tasks = 1 if args.debug else args.tasks_per_node or max(args.gpus_per_node, 1)
-    nodes = args.nodes if cluster == "slurm" else 1  # local and debug run on this machine only
-    if nodes != args.nodes:
-        print(f"note: --{cluster} runs on this machine: --nodes {args.nodes} ignored", file=sys.stderr)
-    params = dict(name=args.job_name, nodes=nodes, tasks_per_node=tasks,
-                  cpus_per_task=args.cpus_per_task, timeout_min=args.timeout_min)
-    if args.gpus_per_node:
-        params["gpus_per_node"] = args.gpus_per_node
-    if args.mem_gb:
-        params["mem_gb"] = args.mem_gb
-    if cluster == "slurm":
-        params.update(slurm_signal_delay_s=args.signal_delay_s,
-                      slurm_additional_parameters={"requeue": True})
-        for key in ("partition", "account", "qos"):
-            if getattr(args, key):
-                params[f"slurm_{key}"] = getattr(args, key)
-    executor.update_parameters(**params)
-    return executor
+    """The submitit executor for the command line (engine.slurm maps the resources)."""
+    return submitit_executor(resources(args), cluster(args), args.folder / "%j", name=args.job_name,
+                             max_requeues=args.max_requeues)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -127,7 +123,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     config = str(args.config.resolve()) if args.config else None
     job = make_executor(args).submit(PretrainJob(config, absolute_overrides(cfg, overrides)))
-    print(f"submitted job {job.job_id} ({'debug' if args.debug else 'local' if args.local else 'slurm'})")
+    print(f"submitted job {job.job_id} ({cluster(args)})")
     print(f"  log:     {job.paths.stdout}".replace("%t", "0"))
     print(f"  errors:  {job.paths.stderr}".replace("%t", "0"))
     print(f"  run dir: {Path(cfg.run.dir).resolve()}")

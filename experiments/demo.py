@@ -28,7 +28,7 @@ from pathlib import Path
 
 from engine.logs import setup_logging
 
-from .compare import ROOT
+from . import ROOT
 from .compare import main as compare_main
 from .shapes import ShapesSpec, write_shapes
 

@@ -2,7 +2,10 @@
 
 All three are drawn from files the pipeline wrote (the table's JSON record, the evaluator's
 prediction PNGs, the fine-tuned ``final.pth``), so they can be redrawn at any time with
-``python -m experiments.compare --collect``. matplotlib runs headless (Agg).
+``python -m experiments.compare --collect``. matplotlib runs headless (Agg). The figures take the
+comparison's runs (``experiments.compare.Run``: run directory, backbone, head, stage config); what
+they share with the receptive-field tool (matplotlib, display names, the images of a split) is in
+``experiments.imaging``.
 """
 from __future__ import annotations
 
@@ -12,23 +15,13 @@ from typing import Any
 
 import numpy as np
 
+from experiments.compare.config import FiguresConfig
+from experiments.compare.plan import Run
+from experiments.imaging import DISPLAY, load_images_from_split, pyplot, split_dataset
+
 __all__ = ["table_chart", "prediction_grid", "receptive_field_figure"]
 
-DISPLAY = {"resnet50": "ResNet50", "resnet50_gcn": "ResNet50-GCN", "baseline": "Baseline", "gcn": "GCN",
-           "gcn_br": "GCN + BR", "conv": "Conv", "stack": "Stack"}
 OURS, PAPER = "#3b6ea8", "#c9d7e8"
-
-
-def _pyplot():
-    try:
-        import matplotlib
-    except ImportError as e:
-        raise ImportError("the figures need matplotlib: pip install -e '.[extras]' (make setup installs it)") from e
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
 
 
 def _label(bars, values: Sequence[float | None], ax) -> None:
@@ -41,7 +34,7 @@ def _label(bars, values: Sequence[float | None], ax) -> None:
 def table_chart(result: dict[str, Any], path: Path) -> Path:
     """Two panels: ImageNet top-5 error per backbone, and segmentation mIoU per head and backbone,
     ours (dark) beside the paper's (light, where the paper has the figure)."""
-    plt = _pyplot()
+    plt = pyplot()
     bs, heads, paper = result["backbones"], result["heads"], result["paper"]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(4 + 2.2 * len(heads), 3.6),
                                    gridspec_kw={"width_ratios": [1, max(1, len(heads))]})
@@ -82,34 +75,32 @@ def _colour(mask: np.ndarray, palette: np.ndarray) -> np.ndarray:
     return palette[np.asarray(mask, dtype=np.uint8)]
 
 
-def prediction_grid(runs: Sequence[Any], path: Path, n_images: int) -> Path | None:
+def prediction_grid(runs: Sequence[Run], path: Path, n_images: int) -> Path | None:
     """Figure 6 for one backbone: a row per validation image, input | each run's prediction | ground truth.
 
-    ``runs`` are the backbone's finished fine-tunes (``experiments.compare.Run``) in column order;
-    predictions are the palette PNGs ``segmentation.evaluate --save-png`` wrote into
-    ``<run dir>/predictions``. Returns None when no prediction is there yet.
+    ``runs`` are the backbone's finished fine-tunes in column order; predictions are the palette PNGs
+    ``segmentation.evaluate --save-png`` wrote into ``<run dir>/predictions``. Returns None when no
+    prediction is there yet.
     """
     from PIL import Image
 
-    from segmentation.datasets import SegmentationDataset, build_samples, dataset_info, palette_for
+    from segmentation.datasets import palette_for
 
     d = runs[0].stage_config().data
-    num_classes, _ = dataset_info(d.dataset)
-    samples = build_samples(d.dataset, d.val_split, d.root, d.sbd_root or None)[:n_images]
-    dataset = SegmentationDataset(samples, num_classes)
+    dataset, names = split_dataset(d.root, d.val_split, n_images, d.dataset, d.sbd_root or None)
     palette = palette_for(d.dataset)
     columns = ["input", *[DISPLAY.get(r.head, r.head) for r in runs], "ground truth"]
     rows = []
-    for i, sample in enumerate(samples):
+    for i, name in enumerate(names):
         image, label = dataset.load(i)
         preds = []
         for r in runs:
-            png = r.dir / "predictions" / f"{sample.name}.png"
+            png = r.dir / "predictions" / f"{name}.png"
             preds.append(_colour(np.asarray(Image.open(png)), palette) if png.exists() else None)
         rows.append([np.asarray(image).transpose(1, 2, 0), *preds, _colour(np.asarray(label), palette)])
     if not rows or all(p is None for row in rows for p in row[1:-1]):
         return None
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(len(rows), len(columns), figsize=(1.6 * len(columns), 1.6 * len(rows)), squeeze=False)
     for i, row in enumerate(rows):
         for j, im in enumerate(row):
@@ -128,11 +119,11 @@ def prediction_grid(runs: Sequence[Any], path: Path, n_images: int) -> Path | No
     return path
 
 
-def receptive_field_figure(runs: Sequence[Any], out_dir: Path, figures_cfg: Any) -> Path:
+def receptive_field_figure(runs: Sequence[Run], out_dir: Path, figures_cfg: FiguresConfig) -> Path:
     """Figure 3: the valid receptive field of every finished fine-tune, on the same validation images."""
     import torch
 
-    from experiments.receptive_field import load_images_from_split, receptive_field_report
+    from experiments.receptive_field import receptive_field_report
     from segmentation.artifacts import load_model
 
     d = runs[0].stage_config().data

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from experiments.compare import PAPER_TABLE6, table_markdown
+from experiments.compare import PAPER_TABLE6, CompareConfig, StageConfig, plan, recipe_drift, table_markdown
 from experiments.shapes import ShapesSpec, write_shapes
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -192,6 +192,69 @@ def test_table_markdown_places_ours_beside_the_paper_and_dashes_missing() -> Non
     assert lines["Baseline: boundary / internal acc. (%)"][0] == "50.0 / 90.0"
     assert "Chance (background everywhere) on the same split: mIoU 11.0%" in md
     assert "Not finished yet (shown as –): pretrain resnet50_gcn." in md
+
+
+def _tiny_config(output: Path, backbones=BACKBONES) -> CompareConfig:
+    return CompareConfig(output=str(output), backbones=list(backbones), heads=list(HEADS),
+                         pretrain=StageConfig(str(ROOT / "configs/pretrain/tiny_cpu.yaml")),
+                         finetune=StageConfig(str(ROOT / "configs/segmentation/tiny_cpu.yaml")))
+
+
+def test_recipe_drift_names_changed_keys_and_ignores_per_job_ones(tmp_path: Path) -> None:
+    import yaml
+
+    run = next(r for r in plan(_tiny_config(tmp_path)) if r.kind == "finetune")
+    planned = {"optim": {"lr": 0.5, "momentum": 0.9}, "run": {"dir": "/elsewhere"}, "data": {"num_workers": 4},
+               "model": {"pretrained": "/moved/final.pth", "scales": (1.0, 2.0)}}
+    assert recipe_drift(run, planned) == []  # nothing recorded yet: a new run
+    run.dir.mkdir(parents=True)
+    recorded = {"optim": {"lr": 0.01, "momentum": 0.9}, "run": {"dir": str(run.dir)}, "data": {"num_workers": 0},
+                "model": {"pretrained": "/old/final.pth", "scales": [1.0, 2.0]}, "train": {"device": "cpu"}}
+    (run.dir / "config.yaml").write_text(yaml.safe_dump(recorded))
+    assert recipe_drift(run, planned) == ["optim.lr: 0.01 -> 0.5"]
+
+
+def test_sbatch_jobs_depend_on_their_own_backbone_and_queued_jobs_are_reused(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    from engine import slurm
+    from experiments.compare.launch import submit_sbatch
+
+    submitted: list[list[str]] = []
+
+    def fake_sbatch(args, cwd=None, env=None) -> str:
+        submitted.append(list(args))
+        return str(100 + len(submitted))
+
+    monkeypatch.setattr(slurm, "sbatch", fake_sbatch)
+    queued: set[str] = set()
+    monkeypatch.setattr(slurm, "job_queued", lambda job: job in queued)
+    cfg = _tiny_config(tmp_path / "t6")
+    runs = plan(cfg)
+    ids = submit_sbatch(cfg, runs, ["-m", "experiments.compare", "--collect"])
+    by_name = {a[0].removeprefix("--job-name="): a for a in submitted}
+    pre = {b: ids[str(tmp_path / "t6" / "pretrain" / b)] for b in BACKBONES}
+    for b in BACKBONES:
+        assert not any(a.startswith("--dependency") for a in by_name[f"lkm-pretrain-{b}"])
+        assert "slurm/imagenet_pretrain.sh" in by_name[f"lkm-pretrain-{b}"]
+        for h in HEADS:
+            args = by_name[f"lkm-finetune-{b}-{h}"]
+            assert f"--dependency=afterok:{pre[b]}" in args and "slurm/segmentation_finetune.sh" in args
+            assert "--signal=USR1@300" in args and "--requeue" in args  # checkpoint and requeue on the warning
+    collect = by_name["lkm-collect"]
+    stage_ids = [ids[str(r.dir)] for r in runs]
+    assert f"--dependency=afterok:{':'.join(stage_ids)}" in collect and collect[-1].startswith("--wrap=cd ")
+    assert not any(a.startswith(("--signal", "--requeue")) for a in collect)
+    assert json.loads((tmp_path / "t6" / "jobs.json").read_text()) == ids
+
+    # a second call: the pretraining of the first backbone is still queued, the rest is not
+    queued.add(pre[BACKBONES[0]])
+    submitted.clear()
+    ids2 = submit_sbatch(cfg, runs, ["-m", "experiments.compare", "--collect"])
+    assert ids2[str(runs[0].dir)] == pre[BACKBONES[0]] and f"job {pre[BACKBONES[0]]} still queued, reused" in \
+        capsys.readouterr().out
+    assert [a[0] for a in submitted].count(f"--job-name=lkm-pretrain-{BACKBONES[0]}") == 0
+    ft = next(a for a in submitted if a[0] == f"--job-name=lkm-finetune-{BACKBONES[0]}-{HEADS[0]}")
+    assert f"--dependency=afterok:{pre[BACKBONES[0]]}" in ft  # waits for the reused job
 
 
 @pytest.mark.slurm

@@ -239,6 +239,28 @@ def test_report_api_writes_figure_and_json(voc, tmp_path):
         assert image["point_source"] == "object" and label[r, c] == 1
 
 
+def test_figure_panels_show_each_images_own_vrf_and_location():
+    from experiments.receptive_field import receptive_field_grid
+
+    # two images of different sizes: the same k x k window is a different share of each
+    images = [(torch.ones(3, 24, 24), None), (torch.ones(3, 16, 30), None)]
+    models = {"conv3": _box_conv(3), "conv5": _box_conv(5)}
+    comparison = compare_receptive_fields(models, images, scales=(1.0, 2.0), share=1.0, points=[(5, 6), None])
+    fig = receptive_field_grid(comparison, images)
+    n_cols = 1 + len(models) * 2
+    axes = fig.axes
+    assert len(axes) == 2 * n_cols
+    assert axes[0].get_title() == "image 0\n24x24, point (5, 6) [given]"
+    assert axes[n_cols].get_title() == "image 1\n30x16, point (8, 15) [centre]"
+    for i in range(2):
+        for j, (model, scale) in enumerate([(m, s) for m in models for s in (1.0, 2.0)], start=1):
+            vrf = comparison.results[model][scale][i]
+            assert axes[i * n_cols + j].get_title() == \
+                f"{model} x{scale:g}\nVRF {100 * vrf.fraction:.1f}%, {vrf.side:.0f} px side"
+    titles = [ax.get_title() for ax in axes]
+    assert len(set(titles)) == len(titles)  # every panel is another image, model or scale
+
+
 def test_cli_two_random_models_end_to_end(voc, tmp_path, capsys):
     out = tmp_path / "vrf"
     rc = main(["--model", "resnet10t:baseline", "--model", "resnet10t:gcn", "--kernel-size", "7",

@@ -365,6 +365,14 @@ def test_interrupted_rewrite_is_not_taken_for_the_earlier_data_set(tmp_path: Pat
 # ---------------------------------------------------------------------------------------------
 # 6. command line
 # ---------------------------------------------------------------------------------------------
+def test_import_does_not_pull_in_timm() -> None:
+    """The data set is drawn with numpy and PIL: writing it must not wait for timm (or the models) to load."""
+    code = "import experiments.shapes, sys; assert 'timm' not in sys.modules, 'timm imported'"
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                          timeout=CHILD_TIMEOUT)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+
+
 def test_cli_writes_the_data_set_and_prints_where(written: Path, tmp_path: Path) -> None:
     out = tmp_path / "cli"
     proc = subprocess.run([sys.executable, "-m", "experiments.shapes", "--out", str(out), *TINY_FLAGS], cwd=ROOT,

@@ -169,18 +169,3 @@ def test_cli_help_lists_config_keys() -> None:
                          text=True, env={**os.environ, "COLUMNS": "120"}, check=True).stdout
     assert "--config" in out and "optim.lr = 1.7" in out and "key=value" in out
 
-
-def test_submit_maps_resources_to_each_executor() -> None:
-    from backbone.submit import make_executor, parse_args
-
-    common = ["--nodes", "2", "--gpus-per-node", "4", "--cpus-per-task", "6", "--timeout-min", "90"]
-    slurm = make_executor(parse_args([*common, "--partition", "gpu", "--account", "acc"]))._executor
-    assert type(slurm).__name__ == "SlurmExecutor"
-    p = slurm.parameters
-    assert (p["nodes"], p["ntasks_per_node"], p["gpus_per_node"], p["cpus_per_task"], p["time"]) == (2, 4, 4, 6, 90)
-    assert (p["partition"], p["account"], p["signal_delay_s"]) == ("gpu", "acc", 300)
-    assert p["additional_parameters"] == {"requeue": True}
-    local = make_executor(parse_args(["--local", *common]))._executor
-    assert type(local).__name__ == "LocalExecutor" and local.parameters["tasks_per_node"] == 4
-    debug = make_executor(parse_args(["--debug", *common]))._executor
-    assert type(debug).__name__ == "DebugExecutor" and debug.parameters["tasks_per_node"] == 1

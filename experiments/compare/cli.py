@@ -1,0 +1,100 @@
+"""The comparison's command line, ``python -m experiments.compare``: flags, the flow of one call, the summary.
+
+``main`` loads the config, plans, checks, then either shows the plan (``--dry-run``), submits SLURM
+jobs (``--launcher sbatch``, waiting with ``--wait``), or runs what is missing here, and collects.
+Errors in the config, the data or a stage exit with code 2 and one ``error:`` line.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from engine.checkpoint import CheckpointError
+from engine.config import ConfigError, describe_keys, load_config
+from engine.logs import setup_logging
+
+from .collect import collect
+from .config import CompareConfig
+from .launch import run_local, submit_sbatch, wait_for_table
+from .plan import Run, StageFailed, check_plan, plan
+
+__all__ = ["build_parser", "print_summary", "main"]
+
+
+def _description() -> str:
+    # the package's docstring is the manual: its usage block and the two paragraphs after it
+    doc = sys.modules[__package__].__doc__ or ""
+    return doc.split("\n\n")[0] + "\n\n" + "\n\n".join(doc.split("\n\n")[1:3])
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m experiments.compare", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=_description(), epilog="config keys (section.key=default):\n" + describe_keys(CompareConfig))
+    p.add_argument("--config", type=Path, default=None, help="YAML config (configs/table6.yaml, configs/demo.yaml)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. launch.launcher=sbatch")
+    p.add_argument("--collect", action="store_true",
+                   help="train nothing: evaluate finished fine-tunes that have no score yet, write the table/figures")
+    p.add_argument("--launcher", choices=("local", "sbatch"), default=None, help="shorthand for launch.launcher=")
+    p.add_argument("--wait", action="store_true", help="sbatch: wait for the jobs, then print the table")
+    p.add_argument("--dry-run", action="store_true", help="print the plan (commands or sbatch lines), run nothing")
+    p.add_argument("--no-check", action="store_true",
+                   help="skip the data checks on this machine (paths only visible on the cluster's nodes)")
+    return p
+
+
+def print_summary(result: dict[str, Any]) -> None:
+    """The table, then every file written."""
+    print(Path(result["files"]["table"]).read_text())
+    print("files:")
+    for key, path in result["files"].items():
+        print(f"  {key:<22} {path}")
+
+
+def print_local_plan(runs: Sequence[Run]) -> None:
+    """--dry-run with the local launcher: each run's state and command line."""
+    for run in runs:
+        state = "finished, reused" if run.finished else "to run"
+        print(f"{run.name} ({state}):\n  {shlex.join(run.command())}")
+
+
+def launch_sbatch(cfg: CompareConfig, runs: Sequence[Run], args: argparse.Namespace, overrides: list[str]) -> None:
+    """Submit the jobs and a collect job that reruns this command with --collect; with --wait, print the table."""
+    config = [] if args.config is None else ["--config", str(args.config.resolve())]
+    collect_argv = ["-m", "experiments.compare", *config, "--collect", *overrides]
+    ids = submit_sbatch(cfg, runs, collect_argv, dry_run=args.dry_run)
+    if args.dry_run:
+        return
+    out = Path(cfg.output).resolve()
+    if not args.wait:
+        print(f"the table appears in {out / 'table6.md'} when job {ids['collect']} ends; or run again with "
+              "--collect at any time")
+        return
+    print_summary(json.loads(wait_for_table(ids, out).read_text()))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    overrides = list(args.overrides) + ([f"launch.launcher={args.launcher}"] if args.launcher else [])
+    setup_logging()
+    try:
+        cfg = load_config(CompareConfig, args.config, overrides)
+        runs = plan(cfg)
+        check_plan(runs, data=not (args.no_check or args.collect))
+        if args.dry_run and cfg.launch.launcher == "local":
+            print_local_plan(runs)
+        elif not args.collect and cfg.launch.launcher == "sbatch":
+            launch_sbatch(cfg, runs, args, overrides)
+        else:
+            if not args.collect:
+                run_local(runs)
+            print_summary(collect(cfg, runs))
+    except (ConfigError, CheckpointError, StageFailed, ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0

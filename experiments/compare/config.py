@@ -1,0 +1,96 @@
+"""The comparison's config schema: ``CompareConfig`` and its sections (``python -m experiments.compare --help``).
+
+Each dataclass field is a config key (``section.key=value`` on the command line); ``validate`` checks
+what the types cannot (names of backbones and heads, stage configs given) before anything is planned.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from engine.config import ConfigError
+
+__all__ = ["StageConfig", "EvaluateConfig", "FiguresConfig", "ResourceConfig", "LaunchConfig", "CompareConfig"]
+
+
+@dataclass
+class StageConfig:
+    config: str = ""  # the stage's YAML; {backbone} is replaced by the backbone's name
+    overrides: list[str] = field(default_factory=list)  # key=value for that stage (data paths, ...)
+
+
+@dataclass
+class EvaluateConfig:
+    ms: bool = False  # multi-scale inference (segmentation.evaluate --ms)
+    flip: bool = False
+    boundary_width: int = 5
+    max_images: int = 0  # 0: the whole validation split
+
+
+@dataclass
+class FiguresConfig:
+    figure6_images: int = 4  # rows of Figure 6 (the first N validation images)
+    vrf_images: int = 4  # images whose valid receptive field is measured (Figure 3)
+    vrf_scales: list[float] = field(default_factory=lambda: [1.0, 2.0])  # 2.0: the paper's (B)
+    vrf_share: float = 0.9  # share of the gradient mass the VRF area holds
+
+
+@dataclass
+class ResourceConfig:
+    nodes: int = 1
+    tasks_per_node: int = 8  # one per GPU
+    gpus_per_node: int = 8
+    cpus_per_task: int = 8
+    time: str = "24:00:00"
+    mem_gb: int = 0  # 0: the partition's default
+
+
+@dataclass
+class LaunchConfig:
+    launcher: Literal["local", "sbatch"] = "local"
+    partition: str = ""
+    account: str = ""
+    qos: str = ""
+    sbatch_args: list[str] = field(default_factory=list)  # added to every sbatch call
+    pretrain: ResourceConfig = field(default_factory=lambda: ResourceConfig(2, 8, 8, 12, "24:00:00"))
+    finetune: ResourceConfig = field(default_factory=lambda: ResourceConfig(1, 8, 8, 8, "12:00:00"))
+    collect: ResourceConfig = field(default_factory=lambda: ResourceConfig(1, 1, 1, 8, "02:00:00"))
+
+
+@dataclass
+class CompareConfig:
+    output: str = "runs/table6"
+    backbones: list[str] = field(default_factory=lambda: ["resnet50", "resnet50_gcn"])
+    heads: list[str] = field(default_factory=lambda: ["baseline", "gcn_br"])  # add gcn for Figure 6's GCN column
+    pretrain: StageConfig = field(default_factory=lambda: StageConfig("configs/pretrain/{backbone}_16_epochs.yaml"))
+    finetune: StageConfig = field(default_factory=lambda: StageConfig("configs/segmentation/voc_stage2.yaml"))
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    figures: FiguresConfig = field(default_factory=FiguresConfig)
+    launch: LaunchConfig = field(default_factory=LaunchConfig)
+
+    def validate(self) -> None:
+        """ConfigError, with the fix, for a matrix that cannot be planned."""
+        self._check_matrix()
+        for key in ("pretrain", "finetune"):
+            if not getattr(self, key).config:
+                raise ConfigError(f"{key}.config is not set: give the stage's YAML config")
+
+    def _check_matrix(self) -> None:
+        # imported here: the model registry and the heads pull in timm and torch, the schema does not need them
+        from backbone.models import check_model_name
+        from segmentation.heads import HEADS
+
+        if not self.backbones or not self.heads:
+            raise ConfigError("backbones and heads must each name at least one entry")
+        for b in self.backbones:
+            try:
+                check_model_name(b)
+            except ValueError as e:
+                raise ConfigError(f"backbones: {e}") from e
+        bad = [h for h in self.heads if h not in HEADS]
+        if bad:
+            raise ConfigError(f"heads: {bad} are not heads; choose from {', '.join(HEADS)}")
+        for key in ("backbones", "heads"):
+            values = getattr(self, key)
+            if len(set(values)) != len(values):
+                raise ConfigError(f"{key} lists an entry twice: {values}")

@@ -1,0 +1,143 @@
+"""Launchers of the plan: one run after another on this machine, or one SLURM job per run.
+
+``run_local`` runs each unfinished run as a subprocess. ``submit_sbatch`` submits the stage scripts
+(``slurm/imagenet_pretrain.sh``, ``slurm/segmentation_finetune.sh``) with ``--dependency=afterok`` on
+the backbone's pretraining, then a collect job after all of them; the job ids go to ``jobs.json`` so
+that a later call reuses jobs still queued rather than submitting them twice. ``wait_for_table``
+waits for the jobs and checks that they wrote a new table. The resources become sbatch options, and
+submission and waiting are done, by ``engine.slurm``.
+"""
+from __future__ import annotations
+
+import json
+import shlex
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from engine import slurm
+from experiments import ROOT
+
+from .config import CompareConfig, LaunchConfig, ResourceConfig
+from .plan import Run, StageFailed
+
+__all__ = ["STAGE_SCRIPTS", "JOBS_FILE", "run_local", "job_resources", "stage_job_args", "collect_job_args",
+           "read_jobs", "submit_sbatch", "wait_for_table"]
+
+# The sbatch script of each stage (its #SBATCH lines are the defaults; our options override them).
+STAGE_SCRIPTS = {"pretrain": "slurm/imagenet_pretrain.sh", "finetune": "slurm/segmentation_finetune.sh"}
+JOBS_FILE = "jobs.json"  # {run dir or 'collect': job id} of the last submission, under output
+
+
+def run_local(runs: Sequence[Run]) -> None:
+    """Each unfinished run in turn, as a subprocess whose output (progress bars, logs) is shown as is."""
+    for i, run in enumerate(runs, 1):
+        head = f"[{i}/{len(runs)}] {run.name}"
+        if run.finished:
+            print(f"{head}: finished before, reused ({run.final})", flush=True)
+            continue
+        print(f"{head} -> {run.dir}" + (" (resuming)" if run.dir.exists() else ""), flush=True)
+        t0 = time.monotonic()
+        rc = subprocess.run(run.command()).returncode
+        if rc != 0 or not run.finished:
+            raise StageFailed(f"{run.name} failed (exit {rc}); its log: {run.dir / 'train.log'}. Fix the cause and "
+                              "run the same command again: finished runs are reused and this one resumes")
+        print(f"{head}: done in {time.monotonic() - t0:.0f} s", flush=True)
+
+
+def job_resources(res: ResourceConfig, launch: LaunchConfig, stage_job: bool = True) -> slurm.SlurmResources:
+    """The SLURM resources of one job from the config's section.
+
+    Stage jobs checkpoint on engine.slurm's warning signal and are requeued (as their scripts' #SBATCH
+    lines ask); the collect job is neither warned nor requeued: it is cheap to run again.
+    """
+    warning = {} if stage_job else {"signal_delay_s": None, "requeue": False}
+    return slurm.SlurmResources(nodes=res.nodes, tasks_per_node=res.tasks_per_node, gpus_per_node=res.gpus_per_node,
+                                cpus_per_task=res.cpus_per_task, time=res.time, mem_gb=res.mem_gb,
+                                partition=launch.partition, account=launch.account, qos=launch.qos,
+                                extra_args=tuple(launch.sbatch_args), **warning)
+
+
+def _job_name(run: Run) -> str:
+    return f"lkm-{run.kind}-{run.backbone}" + (f"-{run.head}" if run.head else "")
+
+
+def stage_job_args(run: Run, cfg: CompareConfig, logs: Path, after: Sequence[str]) -> list[str]:
+    """The sbatch arguments of one run's job: name, log, resources, dependency on ``after``, script, arguments."""
+    res = cfg.launch.pretrain if run.kind == "pretrain" else cfg.launch.finetune
+    return [f"--job-name={_job_name(run)}", slurm.output_arg(logs), *slurm.sbatch_args(job_resources(res, cfg.launch)),
+            *slurm.dependency_arg(after), STAGE_SCRIPTS[run.kind], str(run.config), *run.overrides]
+
+
+def collect_job_args(cfg: CompareConfig, logs: Path, after: Sequence[str], collect_argv: Sequence[str]) -> list[str]:
+    """The sbatch arguments of the collect job: ``python collect_argv`` from this directory, after ``after``."""
+    wrap = f"cd {shlex.quote(str(Path.cwd()))} && {shlex.join([sys.executable, *collect_argv])}"
+    res = job_resources(cfg.launch.collect, cfg.launch, stage_job=False)
+    return ["--job-name=lkm-collect", slurm.output_arg(logs), *slurm.sbatch_args(res), *slurm.dependency_arg(after),
+            f"--wrap={wrap}"]
+
+
+def read_jobs(out: Path) -> dict[str, str]:
+    """The job ids of the last submission into ``out`` ({run dir or 'collect': id}); empty when none."""
+    jobs_file = out / JOBS_FILE
+    return json.loads(jobs_file.read_text()) if jobs_file.exists() else {}
+
+
+def _submit(args: list[str]) -> str:
+    try:
+        return slurm.sbatch(args, cwd=ROOT, env=slurm.python_env())  # the job scripts run $PYTHON: this venv's
+    except slurm.SlurmError as e:
+        raise StageFailed(str(e)) from e
+
+
+def _line(name: str, job: str, after: Sequence[str]) -> str:
+    return f"{name}: job {job}" + (f" (after {', '.join(after)})" if after else "")
+
+
+def submit_sbatch(cfg: CompareConfig, runs: Sequence[Run], collect_argv: Sequence[str], dry_run: bool = False) \
+        -> dict[str, str]:
+    """One job per unfinished run (fine-tunes after their pretraining), then the collect job after all.
+
+    Jobs still queued from an earlier call for the same run directory are reused, not submitted again.
+    Returns {run dir or 'collect': job id}.
+    """
+    out = Path(cfg.output).resolve()
+    logs = out / "logs"
+    known = read_jobs(out)
+    ids: dict[str, str] = {}
+    for run in runs:
+        key = str(run.dir)
+        if run.finished:
+            print(f"{run.name}: finished before, reused ({run.final})")
+            continue
+        if not dry_run and key in known and slurm.job_queued(known[key]):
+            ids[key] = known[key]
+            print(f"{run.name}: job {known[key]} still queued, reused")
+            continue
+        after = [ids[str(d.dir)] for d in run.after if str(d.dir) in ids]  # a finished dependency needs no wait
+        args = stage_job_args(run, cfg, logs, after)
+        ids[key] = "<dry-run>" if dry_run else _submit(args)
+        print(_line(run.name, ids[key], after) + (f"\n  sbatch {shlex.join(args)}" if dry_run else ""))
+    after = list(ids.values())
+    args = collect_job_args(cfg, logs, after, collect_argv)
+    if not dry_run:
+        logs.mkdir(parents=True, exist_ok=True)
+        ids["collect"] = _submit(args)
+        (out / JOBS_FILE).write_text(json.dumps({**known, **ids}, indent=1))
+    else:
+        ids["collect"] = "<dry-run>"
+    print(_line("collect", ids["collect"], after)
+          + (f"\n  sbatch {shlex.join(args)}" if dry_run else f"; logs in {logs}"))
+    return ids
+
+
+def wait_for_table(ids: dict[str, str], out: Path) -> Path:
+    """Wait for the jobs, then the table6.json the collect job wrote; StageFailed when it wrote none."""
+    started = time.time()
+    slurm.wait_for_jobs(ids.values(), out / "logs")
+    table = out / "table6.md"
+    if not table.exists() or table.stat().st_mtime < started:
+        raise StageFailed(f"the jobs ended without a new table; see the logs in {out / 'logs'}")
+    return out / "table6.json"
