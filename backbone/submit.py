@@ -41,7 +41,7 @@ class PretrainJob(submitit.helpers.Checkpointable):
         from backbone.train import PretrainConfig, run
 
         cfg = load_config(PretrainConfig, self.config, self.overrides)
-        return run(cfg)
+        return str(run(cfg))  # a plain string in the pickled result
 
     def checkpoint(self, *args, **kwargs) -> submitit.helpers.DelayedSubmission:
         print(f"submitit: resubmitting {self.config} {' '.join(self.overrides)}; it resumes from run.dir",

@@ -22,6 +22,7 @@ import logging
 import math
 import sys
 from collections.abc import Sequence
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +36,7 @@ from backbone.weights import WeightsMismatchError
 from engine import distributed as distrib
 from engine.logs import Progress, setup_logging
 from engine.loop import autocast
+from engine.provenance import code_version, file_sha256
 from segmentation.artifacts import load_model
 from segmentation.datasets import DatasetError, SegmentationDataset, build_samples, dataset_info, palette_for
 from segmentation.metrics import SegmentationMetrics, format_table
@@ -45,6 +47,37 @@ __all__ = ["MS_SCALES", "window_logits", "predict", "evaluate_dataset", "parse_s
 log = logging.getLogger("segmentation.evaluate")
 
 MS_SCALES = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)
+
+
+@dataclass(frozen=True)
+class EvalSettings:
+    """Everything besides the weights that a score depends on."""
+
+    split: str
+    scales: tuple[float, ...] = (1.0,)
+    flip: bool = False
+    window: int = 0
+    overlap: float = 1 / 3
+    max_images: int = 0  # 0: the whole split
+    boundary_width: int = 5
+
+    def tag(self) -> str:
+        """The settings in a file name: only what differs from a plain single-scale pass over the split."""
+        scales = "" if self.scales == (1.0,) else "_ms" if self.scales == MS_SCALES else \
+            "_s" + "-".join(f"{s:g}" for s in self.scales)
+        return (f"{self.split}{scales}{'_flip' if self.flip else ''}"
+                + (f"_w{self.window}o{self.overlap:g}" if self.window else "")
+                + (f"_n{self.max_images}" if self.max_images else "")
+                + (f"_bw{self.boundary_width}" if self.boundary_width != 5 else ""))
+
+    def to_json(self) -> dict[str, Any]:
+        return {**asdict(self), "scales": list(self.scales)}
+
+
+def score_path(checkpoint: str | Path, settings: EvalSettings) -> Path:
+    """``eval_<checkpoint>_<settings>.json`` beside the checkpoint: other weights or settings, another file."""
+    checkpoint = Path(checkpoint)
+    return checkpoint.parent / f"eval_{checkpoint.stem}_{settings.tag()}.json"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -141,9 +174,11 @@ def evaluate_dataset(model: nn.Module, dataset: SegmentationDataset, device: tor
                      memory_format: torch.memory_format = torch.contiguous_format, max_images: int = 0,
                      save_png: Path | None = None, palette: np.ndarray | None = None,
                      env: distrib.DistEnv | None = None, progress_every_s: float = 30.0,
-                     num_workers: int = 2) -> dict[str, Any]:
+                     num_workers: int = 2, per_image: bool = True) -> dict[str, Any]:
     """Scores of ``model`` on ``dataset``: images one by one, decoded by ``num_workers`` loader processes,
-    sharded over ranks, counts all-reduced."""
+    sharded over ranks, counts all-reduced. With ``per_image``, ``scores['per_image']`` holds each image's
+    counts (``names``; ``tp_fp_fn``: images x classes x 3; ``band``: images x 4, boundary correct / total,
+    internal correct / total), in data set order: what a paired bootstrap over images resamples."""
     env = env or distrib.DistEnv()
     was_training = model.training
     model.eval()
@@ -151,6 +186,7 @@ def evaluate_dataset(model: nn.Module, dataset: SegmentationDataset, device: tor
     n = min(len(dataset), max_images) if max_images > 0 else len(dataset)
     mine = range(env.rank, n, env.world_size)
     normalization = getattr(model, "normalization", (MEAN, STD))
+    counts: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
     loader = torch.utils.data.DataLoader(_EvalImages(dataset, mine, normalization), batch_size=1, collate_fn=_single,
                                          num_workers=min(num_workers, len(mine)), pin_memory=device.type == "cuda")
     for i, image, label in Progress(loader, len(mine), "evaluate", enabled=env.is_main, every_s=progress_every_s,
@@ -158,7 +194,10 @@ def evaluate_dataset(model: nn.Module, dataset: SegmentationDataset, device: tor
         x = image[None].to(device, non_blocking=True).contiguous(memory_format=memory_format)
         pred = predict(model, x, scales, flip, window, overlap, amp_dtype).argmax(1)[0]
         label = label.to(device)
-        metrics.update(pred, label)
+        confusion, band = metrics.update(pred, label)
+        if per_image:
+            tp = confusion.diag()
+            counts[i] = (torch.stack([tp, confusion.sum(0) - tp, confusion.sum(1) - tp], 1).cpu(), band.cpu())
         if save_png is not None:
             name = dataset.samples[i].name
             save_prediction(save_png / f"{name}.png", pred.cpu().numpy(), palette)
@@ -166,7 +205,23 @@ def evaluate_dataset(model: nn.Module, dataset: SegmentationDataset, device: tor
     model.train(was_training)
     scores = metrics.compute()
     scores["images"] = n
+    if per_image:
+        scores["per_image"] = _gather_per_image(counts, dataset, env)
     return scores
+
+
+def _gather_per_image(counts: dict[int, tuple[torch.Tensor, torch.Tensor]], dataset: SegmentationDataset,
+                      env: distrib.DistEnv) -> dict[str, np.ndarray]:
+    """Every rank's per-image counts, in data set order (a collective)."""
+    shards: list[Any] = [counts]
+    if distrib.is_initialized():
+        shards = [None] * env.world_size
+        torch.distributed.all_gather_object(shards, counts)
+    merged = {i: c for shard in shards for i, c in shard.items()}
+    order = sorted(merged)
+    return {"names": np.array([dataset.samples[i].name for i in order]),
+            "tp_fp_fn": np.stack([merged[i][0].numpy() for i in order]) if order else np.zeros((0, 0, 3), np.int64),
+            "band": np.stack([merged[i][1].numpy() for i in order]) if order else np.zeros((0, 4), np.int64)}
 
 
 def parse_scales(text: str) -> tuple[float, ...]:
@@ -199,7 +254,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-images", type=int, default=0, help="score only the first N images (0 = all)")
     p.add_argument("--save-png", type=Path, default=None, help="write colour prediction PNGs to this folder")
     p.add_argument("--out", type=Path, default=None,
-                   help="JSON with all figures (default: eval_<split>[_ms][_flip].json beside the checkpoint)")
+                   help="JSON with all figures (default: eval_<checkpoint>_<split>[_ms][_flip]....json beside the "
+                        "checkpoint; per-image counts in the .per_image.npz beside it)")
     p.add_argument("--workers", type=int, default=2, help="data loader processes decoding images (0: in this one)")
     p.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto")
     return p
@@ -245,12 +301,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         distrib.teardown()
     if env.is_main:
-        suffix = ("_ms" if len(scales) > 1 else "") + ("_flip" if args.flip else "")
-        out = args.out or args.checkpoint.parent / f"eval_{split}{suffix}.json"
-        record = {"checkpoint": str(args.checkpoint), "dataset": dataset_name, "split": split,
-                  "scales": list(scales), "flip": args.flip, "window": window, "overlap": overlap,
-                  "classes": list(classes), **scores}
+        settings = EvalSettings(split, tuple(scales), args.flip, window, overlap, args.max_images, args.boundary_width)
+        out = args.out or score_path(args.checkpoint, settings)
+        per_image = scores.pop("per_image")
+        record = {"checkpoint": str(args.checkpoint), "weights_sha256": file_sha256(args.checkpoint),
+                  "dataset": dataset_name, **settings.to_json(), "classes": list(classes),
+                  "code_version": code_version(), **scores}
         out.parent.mkdir(parents=True, exist_ok=True)
+        np.savez_compressed(out.with_suffix(".per_image.npz"), **per_image)
         out.write_text(json.dumps(record, indent=1))
         print(format_table(scores, classes))
         print(f"{dataset_name}/{split}: mIoU {100 * scores['miou']:.2f}% over {scores['images']} images -> {out}")

@@ -441,7 +441,8 @@ class Finetuner:
         scores = evaluate_dataset(self.model, self.val_set, self.device, window=e.window, overlap=e.overlap,
                                   boundary_width=e.boundary_width, amp_dtype=self.amp_dtype,
                                   memory_format=self.memory_format, max_images=e.max_images, env=self.env,
-                                  progress_every_s=self.cfg.run.log_every_s, num_workers=self.cfg.data.num_workers)
+                                  progress_every_s=self.cfg.run.log_every_s, num_workers=self.cfg.data.num_workers,
+                                  per_image=False)
         self.last_val = dict(scores)
         self.loop.metrics.write(kind="val", epoch=self.epoch, step=step, split=self.cfg.data.val_split, **scores)
         if self.env.is_main:

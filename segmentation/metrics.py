@@ -98,16 +98,19 @@ class SegmentationMetrics:
         self.band = torch.zeros(4, dtype=torch.int64, device=device)
 
     @torch.no_grad()
-    def update(self, pred: torch.Tensor, target: torch.Tensor) -> None:
-        """Add prediction(s) ``pred`` (class indices) against label(s) ``target``, same shape."""
+    def update(self, pred: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Add prediction(s) ``pred`` (class indices) against label(s) ``target``, same shape; returns what
+        they added: their confusion matrix and (boundary correct, boundary, internal correct, internal)."""
         pred, target = pred.to(self.confusion.device), target.to(self.confusion.device)
-        self.confusion += confusion_matrix(pred, target, self.num_classes, self.ignore_index)
+        confusion = confusion_matrix(pred, target, self.num_classes, self.ignore_index)
         boundary = boundary_mask(target, self.boundary_width, self.ignore_index)
         labelled = target != self.ignore_index
         internal = labelled & ~boundary
         correct = pred == target
-        self.band += torch.stack([(correct & boundary).sum(), boundary.sum(),
-                                  (correct & internal).sum(), internal.sum()])
+        band = torch.stack([(correct & boundary).sum(), boundary.sum(), (correct & internal).sum(), internal.sum()])
+        self.confusion += confusion
+        self.band += band
+        return confusion, band
 
     def all_reduce(self) -> None:
         """Sum the counts over the ranks of a process group (no-op without one)."""
