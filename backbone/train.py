@@ -169,6 +169,24 @@ def resolution_at(cfg: ResolutionConfig, epoch: int) -> int:
 
 
 # ---------------------------------------------------------------------------------------------
+# Validation
+# ---------------------------------------------------------------------------------------------
+def tta_logits(model: nn.Module, images: torch.Tensor, flip: bool) -> torch.Tensor:
+    """Logits of ``images``; with ``flip``, plus the logits of their mirror images (flip TTA)."""
+    logits = model(images)
+    if flip:
+        logits = logits + model(torch.flip(images, dims=[3]))
+    return logits
+
+
+def classification_totals(logits: torch.Tensor, labels: torch.Tensor, k: int) -> torch.Tensor:
+    """Sums over one batch: ``[top-1 hits, top-k hits, cross-entropy, images]`` (1-D float tensor)."""
+    hits = logits.topk(k, dim=1).indices == labels[:, None]
+    return torch.stack([hits[:, 0].sum(), hits.any(dim=1).sum(), F.cross_entropy(logits, labels, reduction="sum"),
+                        torch.tensor(labels.numel(), device=labels.device)])
+
+
+# ---------------------------------------------------------------------------------------------
 # Model and optimiser
 # ---------------------------------------------------------------------------------------------
 def check_model_name(name: str) -> None:
@@ -301,8 +319,7 @@ class Trainer:
         self.metrics = MetricsWriter(self.run_dir / "metrics.jsonl", enabled=env.is_main)
         torch.manual_seed(cfg.train.seed + env.rank)
         np.random.seed((cfg.train.seed + env.rank) % 2**32)
-        if plan.resume_from is not None:
-            self.resume(plan.resume_from)
+        rng = self.resume(plan.resume_from) if plan.resume_from is not None else None
 
         res = resolution_at(cfg.resolution, self.epoch)
         self.train_loader = make_train_loader(
@@ -318,6 +335,11 @@ class Trainer:
                               f"{cfg.data.batch_size} (drop_last): lower the batch size")
         self.global_batch = cfg.data.batch_size * env.world_size
         self.peak = peak_lr(cfg.optim, self.global_batch)
+        # Restored last: building the loaders draws from NumPy's global generator (ffcv's Loader seeds
+        # itself with np.random.randint when given no seed, as the val loader is), which would shift the
+        # resumed run's NumPy stream by one draw.
+        if rng is not None:
+            ckpt.restore_rng_state(rng)
 
     # --- checkpoints --------------------------------------------------------------------------
     def state(self) -> dict[str, Any]:
@@ -346,7 +368,8 @@ class Trainer:
             log.info("checkpoint: %s (epoch %d, step %d)", path, self.epoch, self.step)
         distrib.barrier()
 
-    def resume(self, path: Path) -> None:
+    def resume(self, path: Path) -> dict[str, Any] | None:
+        """Load the training state of checkpoint ``path``; return this rank's RNG state to restore."""
         state = ckpt.load_checkpoint(path, expected_identity(self.cfg, self.plan.num_classes))
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
@@ -358,14 +381,14 @@ class Trainer:
             self.ema.module.load_state_dict(state["model_ema"])
         self.epoch, self.step, self.step_in_epoch = state["epoch"], state["step"], state["step_in_epoch"]
         self.resumed_global_batch = state["global_batch"]
-        rng = state["rng"]
-        if len(rng) == self.env.world_size:
-            ckpt.restore_rng_state(rng[self.env.rank])
-        else:
-            log.warning("checkpoint was written by %d processes, this run has %d: RNG states not restored",
-                        len(rng), self.env.world_size)
         log.info("resumed from checkpoint %s at epoch %d, step %d (step %d of the epoch)", path,
                  self.epoch, self.step, self.step_in_epoch)
+        rng = state["rng"]
+        if len(rng) == self.env.world_size:
+            return rng[self.env.rank]
+        log.warning("checkpoint was written by %d processes, this run has %d: RNG states not restored",
+                    len(rng), self.env.world_size)
+        return None
 
     # --- loops --------------------------------------------------------------------------------
     def fit(self) -> str:
@@ -483,15 +506,8 @@ class Trainer:
         for images, labels in self.val_loader:
             with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
                                 enabled=self.amp_dtype is not None):
-                logits = model(images)
-                if self.cfg.train.flip_tta:
-                    logits = logits + model(torch.flip(images, dims=[3]))
-            logits = logits.float()
-            topk = logits.topk(k, dim=1).indices
-            hits = topk == labels[:, None]
-            totals += torch.stack([hits[:, 0].sum(), hits.any(dim=1).sum(),
-                                   F.cross_entropy(logits, labels, reduction="sum"),
-                                   torch.tensor(labels.numel(), device=self.device)]).to(totals)
+                logits = tta_logits(model, images, self.cfg.train.flip_tta)
+            totals += classification_totals(logits.float(), labels, k).to(totals)
         distrib.all_reduce_sum(totals)
         top1, top5, loss, n = totals.tolist()
         return {"top1": top1 / max(n, 1), "top5": top5 / max(n, 1), "loss": loss / max(n, 1),

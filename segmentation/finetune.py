@@ -38,6 +38,7 @@ if __name__ == "__main__" and not __package__:
 
 import timm
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from backbone.common import checkpoint as ckpt
@@ -178,6 +179,12 @@ def poly_lr(base: float, it: int, total: int, power: float = 0.9) -> float:
     return base * max(0.0, 1 - it / total) ** power
 
 
+def segmentation_loss(logits: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy over the labelled pixels; 0 (not 0/0 = NaN) for a batch that is all void."""
+    total = F.cross_entropy(logits.float(), masks, ignore_index=IGNORE_INDEX, reduction="sum")
+    return total / (masks != IGNORE_INDEX).sum().clamp(min=1)
+
+
 def param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict[str, Any]]:
     """Backbone vs new layers (lr x head_lr_mult), each with and without weight decay (BN, biases)."""
     groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
@@ -293,7 +300,6 @@ class Finetuner:
                     if env.distributed else self.model)
         self.optimizer = torch.optim.SGD(param_groups(self.model, cfg.optim), lr=cfg.optim.lr,
                                          momentum=cfg.optim.momentum)
-        self.criterion = nn.CrossEntropyLoss(ignore_index=IGNORE_INDEX, reduction="sum")
 
         d = cfg.data
         self.train_set = SegmentationDataset(plan.train, self.num_classes, train_transform(
@@ -369,11 +375,6 @@ class Finetuner:
             yield from self.loader
             self.epoch, self.step_in_epoch = self.epoch + 1, 0
 
-    def loss(self, logits: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
-        """Mean cross-entropy over the labelled pixels; 0 (not 0/0 = NaN) for a batch that is all void."""
-        total = self.criterion(logits.float(), masks)
-        return total / (masks != IGNORE_INDEX).sum().clamp(min=1)
-
     def fit(self) -> str:
         """Train to the end (``'finished'``) or until a signal (``'preempted'``)."""
         cfg = self.cfg
@@ -400,7 +401,7 @@ class Finetuner:
             with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
                                 enabled=self.amp_dtype is not None):
                 logits = self.ddp(images)
-            loss = self.loss(logits, masks)
+            loss = segmentation_loss(logits, masks)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             self.optimizer.step()
