@@ -319,6 +319,11 @@ class Trainer:
                 "the same batch and number of processes (the sample order and the BatchNorm statistics depend on "
                 "both), or start a new run.dir")
         self.peak = peak_lr(cfg.optim, self.global_batch)
+        # Restored last: building the loaders draws from NumPy's global generator (ffcv's Loader seeds
+        # itself with np.random.randint when given no seed, as the val loader is), which would shift the
+        # resumed run's NumPy stream by one draw.
+        if resumed is not None:
+            ckpt.restore_rank_rng(resumed.rng, env.rank, env.world_size)
 
     # --- checkpoints --------------------------------------------------------------------------
     def checkpoint_state(self, rng: list[dict[str, Any]]) -> dict[str, Any]:
@@ -341,7 +346,6 @@ class Trainer:
                                            "train.ema=false or start a new run.dir")
             self.ema.module.load_state_dict(state.model_ema)
         self.epoch, self.loop.step, self.step_in_epoch = state.epoch, state.step, state.step_in_epoch
-        ckpt.restore_rank_rng(state.rng, self.env.rank, self.env.world_size)
         log.info("resumed from checkpoint %s at epoch %d, step %d (step %d of the epoch)", path,
                  self.epoch, state.step, self.step_in_epoch)
         return state

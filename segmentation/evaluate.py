@@ -187,8 +187,10 @@ def evaluate_dataset(model: nn.Module, dataset: SegmentationDataset, device: tor
     mine = range(env.rank, n, env.world_size)
     normalization = getattr(model, "normalization", (MEAN, STD))
     counts: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    # its own generator: evaluating in the middle of training must not draw from the global RNG
     loader = torch.utils.data.DataLoader(_EvalImages(dataset, mine, normalization), batch_size=1, collate_fn=_single,
-                                         num_workers=min(num_workers, len(mine)), pin_memory=device.type == "cuda")
+                                         num_workers=min(num_workers, len(mine)), pin_memory=device.type == "cuda",
+                                         generator=torch.Generator().manual_seed(0))
     for i, image, label in Progress(loader, len(mine), "evaluate", enabled=env.is_main, every_s=progress_every_s,
                                     logger=log):
         x = image[None].to(device, non_blocking=True).contiguous(memory_format=memory_format)

@@ -34,6 +34,7 @@ if __name__ == "__main__" and not __package__:
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from backbone.antialias import AUTO, blurred_convs
@@ -209,6 +210,12 @@ def poly_lr(base: float, it: int, total: int, power: float = 0.9) -> float:
     return base * max(0.0, 1 - it / total) ** power
 
 
+def segmentation_loss(logits: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy over the labelled pixels; 0 (not 0/0 = NaN) for a batch that is all void."""
+    total = F.cross_entropy(logits.float(), masks, ignore_index=IGNORE_INDEX, reduction="sum")
+    return total / (masks != IGNORE_INDEX).sum().clamp(min=1)
+
+
 def param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict[str, Any]]:
     """Backbone vs new layers (lr x head_lr_mult), each with and without weight decay (BN, biases)."""
     groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
@@ -324,7 +331,6 @@ class Finetuner:
                     if env.distributed else self.model)
         self.optimizer = torch.optim.SGD(param_groups(self.model, cfg.optim), lr=cfg.optim.lr,
                                          momentum=cfg.optim.momentum)
-        self.criterion = nn.CrossEntropyLoss(ignore_index=IGNORE_INDEX, reduction="sum")
 
         d = cfg.data
         self.train_set = SegmentationDataset(inputs.train, self.num_classes, train_transform(
@@ -399,13 +405,12 @@ class Finetuner:
             self.epoch, self.step_in_epoch = self.epoch + 1, 0
 
     def loss(self, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        """Mean cross-entropy over the labelled pixels; 0 (not 0/0 = NaN) for a batch that is all void."""
         images, masks = batch
         images = images.to(self.device, non_blocking=True).contiguous(memory_format=self.memory_format)
         masks = masks.to(self.device, non_blocking=True)
         with autocast(self.device, self.amp_dtype):
             logits = self.ddp(images)
-        return self.criterion(logits.float(), masks) / (masks != IGNORE_INDEX).sum().clamp(min=1)
+        return segmentation_loss(logits, masks)
 
     def fit(self) -> RunStatus:
         """Train to the end, or until a signal (then a checkpoint is on disk and the job requeued)."""

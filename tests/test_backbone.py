@@ -1,6 +1,7 @@
 """ResNet50-GCN: structure (Table 11), cost, timm conformance, weight loading and its errors."""
 from __future__ import annotations
 
+import copy
 import json
 import subprocess
 import sys
@@ -8,6 +9,7 @@ import sys
 import pytest
 import timm
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import backbone
@@ -90,6 +92,61 @@ def test_sum_merge_is_an_option():
     assert model(torch.randn(X_SMALL)).shape == (2, 1000)
     with pytest.raises(ValueError, match="merge"):
         timm.create_model("resnet50_gcn", gcn_merge="mean")
+
+
+def _reference_block(block: GCNBlock, x: torch.Tensor) -> torch.Tensor:
+    """Figure 5 B written out with functional ops on the block's own weights (eval mode, no BlurPool)."""
+
+    def cna(layer, t):  # conv -> BN (running statistics) -> ReLU
+        conv, bn = layer.conv, layer.bn
+        t = F.conv2d(t, conv.weight, stride=conv.stride, padding=conv.padding)
+        return torch.relu(F.batch_norm(t, bn.running_mean, bn.running_var, bn.weight, bn.bias, eps=bn.eps))
+
+    a = cna(block.branch_a[1], cna(block.branch_a[0], x))  # 1xk then kx1
+    b = cna(block.branch_b[1], cna(block.branch_b[0], x))  # kx1 then 1xk
+    merged = torch.cat([a, b], dim=1) if block.concat else a + b
+    y = F.batch_norm(F.conv2d(merged, block.conv.weight), block.bn.running_mean, block.bn.running_var,
+                     block.bn.weight, block.bn.bias, eps=block.bn.eps)
+    shortcut = x if block.downsample is None else block.downsample(x)
+    return torch.relu(y + shortcut)
+
+
+def _randomise_bn(module: nn.Module, seed: int) -> None:
+    """Non-trivial BN statistics and affine parameters (so no BN is the identity or zero)."""
+    g = torch.Generator().manual_seed(seed)
+    for m in module.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            with torch.no_grad():
+                for t in (m.weight, m.bias, m.running_mean):
+                    t.copy_(torch.randn(t.shape, generator=g))
+                m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) + 0.5)
+
+
+@pytest.mark.parametrize("merge", ["concat", "sum"])
+def test_gcn_block_output_values(merge):
+    """The block computes relu(BN(conv1x1(merge(A(x), B(x)))) + shortcut), branch A = 1xk->kx1, B = kx1->1xk."""
+    torch.manual_seed(0)
+    block = GCNBlock(32, 8, kernel_size=5, width=6, merge=merge).eval()  # identity shortcut (32 = 4 x 8)
+    _randomise_bn(block, 1)
+    x = torch.randn(2, 32, 9, 11)
+    with torch.no_grad():
+        out = block(x.clone())  # the block adds the shortcut in place: keep x
+        expected = _reference_block(block, x)
+    torch.testing.assert_close(out, expected)
+    assert (out >= 0).all() and (out == 0).any() and (out > 0).any()  # the closing ReLU clips
+
+
+def test_strided_gcn_block_in_resnet50_gcn_output_values(gcn):
+    """A stage's first block (stride 2 on each branch's first conv, projection shortcut), inside the model."""
+    block = copy.deepcopy(gcn.layer4[0])  # the fixture is shared: change a copy
+    assert block.downsample is not None and isinstance(block.aa, nn.Identity)
+    _randomise_bn(block, 2)  # zero_init_last: the last BN scale starts at 0, which would hide the branches
+    x = torch.randn(1, 1024, 8, 6)
+    with torch.no_grad():
+        out = block(x.clone())
+        expected = _reference_block(block, x)
+    assert out.shape == (1, 2048, 4, 3)
+    torch.testing.assert_close(out, expected)
 
 
 # ---- cost ---------------------------------------------------------------------------------------
