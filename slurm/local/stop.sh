@@ -41,7 +41,7 @@ stop_group() {
 stop_group slurmd slurmctld   # both take ~2s to exit, so in parallel
 # munged last: the slurm daemons authenticate through it; left running while another cluster's daemons
 # (slurm/local/start_2node.sh) still use it
-if alive "$RUN/munged.ours" munged && others=$(pgrep -x 'slurmctld|slurmd' | xargs) && [ -n "$others" ]; then
+if alive "$RUN/munged.ours" munged && others=$(pgrep -x 'slurm(ctl)?d' | xargs) && [ -n "$others" ]; then
   echo "[slurm-local] munged (pid $(cat "$RUN/munged.ours")) left running: other slurm daemons use it (pids $others)"
   rm -f "$RUN/munged.ours"
 fi

@@ -77,7 +77,7 @@ fi
 
 # 4. munged last, only if we started it and no other slurm daemon (another cluster) still uses it
 if alive "$RUN/munged.ours" munged; then
-  others=$(pgrep -x 'slurmctld|slurmd' | xargs)
+  others=$(pgrep -x 'slurm(ctl)?d' | xargs)
   if [ -n "$others" ]; then
     say "munged (pid $(cat "$RUN/munged.ours")) left running: other slurm daemons use it (pids $others)"
   else
