@@ -11,7 +11,7 @@ SYS_PKGS := pkg-config libopencv-dev libturbojpeg0-dev slurmctld slurmd slurm-cl
 SUDO    := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 PYTEST_ARGS ?=
 
-.PHONY: setup system-packages demo slurm-up slurm-down test lint bench clean
+.PHONY: setup system-packages demo slurm-up slurm-down slurm-2node-up slurm-2node-down test lint bench clean
 
 setup: $(STAMP)
 
@@ -43,6 +43,14 @@ slurm-up:
 
 slurm-down:
 	$(SUDO) bash slurm/local/stop.sh
+
+# Two nodes, n1 and n2, on this machine (its own config and ports; runs beside the single-node one).
+# Clients: source /tmp/lkm-slurm-2node/env.sh
+slurm-2node-up:
+	$(SUDO) bash slurm/local/start_2node.sh
+
+slurm-2node-down:
+	$(SUDO) bash slurm/local/stop_2node.sh
 
 test: setup
 	$(VPY) -m ruff check .
