@@ -32,6 +32,7 @@ from torch import nn
 from backbone.artifacts import FinalWeights, PretrainCheckpoint
 from backbone.evaluate import PAPER, evaluate_classifier, write_record
 from backbone.models import check_model_name, create_backbone
+from backbone.weights import WeightsMismatchError
 from engine import checkpoint as ckpt
 from engine import distributed as distrib
 from engine.config import (
@@ -39,13 +40,14 @@ from engine.config import (
     argument_parser,
     describe_keys,
     load_config,
+    require_file,
     to_dict,
 )
 from engine.logs import MetricsWriter
 from engine.loop import TrainLoop, autocast, backward_accumulated, grouped, split_batch
 from engine.preemption import PreemptionFlag
 from engine.provenance import file_sha256, read_run_record
-from engine.runner import NonFiniteLossError, RunDirState, RunStatus, inspect_run_dir, run_stage
+from engine.runner import NonFiniteLossError, RunDirState, RunStatus, inspect_run_dir, run_cli, run_stage
 
 log = logging.getLogger("backbone.train")
 
@@ -67,7 +69,7 @@ class DataConfig:
     global_batch: int = 4096  # images per optimiser step over all processes (the recipe's batch)
     max_batch_per_process: int = 0  # a process holding more accumulates gradients over micro-batches; 0: no limit
     val_batch_size: int = 256  # per process (evaluation only: no effect on results)
-    num_workers: int = 12  # ffcv decoding threads per process
+    num_workers: int = 12  # ffcv decoding threads per process (at least 1)
     in_memory: bool = True  # ffcv os_cache: keep the .beton in the page cache
 
 
@@ -139,6 +141,7 @@ class PretrainConfig:
         if not self.run.dir:
             self.run.dir = f"runs/pretrain/{self.model.name}"
         for key, value in (("data.global_batch", self.data.global_batch), ("train.epochs", self.train.epochs),
+                           ("data.num_workers", self.data.num_workers),
                            ("data.val_batch_size", self.data.val_batch_size),
                            ("optim.lr_batch_size", self.optim.lr_batch_size)):
             if value < 1:
@@ -224,7 +227,7 @@ class PretrainInputs:
 
 def check_inputs(cfg: PretrainConfig) -> PretrainInputs:
     """Validate inputs and the run directory; raise ConfigError/CheckpointError with a fix."""
-    from backbone.write_beton import meta_path, read_meta
+    from backbone.write_beton import check_beton, meta_path, read_meta
 
     check_model_name(cfg.model.name, "model", "model.name")
     metas = {}
@@ -233,11 +236,10 @@ def check_inputs(cfg: PretrainConfig) -> PretrainInputs:
         if not path:
             raise ConfigError(f"data.{key} is not set: give the .beton written by "
                               f"`python -m backbone.write_beton` (data.{key}=PATH)")
-        if not Path(path).is_file():
-            raise ConfigError(f"data.{key}: {path} does not exist "
-                              "(write it with python -m backbone.write_beton)")
+        require_file(path, f"data.{key}", "write it with `python -m backbone.write_beton`")
         try:
             metas[key] = read_meta(path)
+            check_beton(path, metas[key])
         except Exception as e:  # noqa: BLE001 - reported with the file name and the fix
             raise ConfigError(f"data.{key}: cannot read {path}: {e}. Rewrite it with "
                               "`python -m backbone.write_beton`.") from e
@@ -245,6 +247,12 @@ def check_inputs(cfg: PretrainConfig) -> PretrainInputs:
     if n_train != n_val:
         raise ConfigError(f"data.train has {n_train} classes but data.val has {n_val}: "
                           "write both from the same class folders")
+    if metas["train"].get("classes") != metas["val"].get("classes"):
+        diff = [(i, a, b) for i, (a, b) in enumerate(zip(metas["train"]["classes"], metas["val"]["classes"],
+                                                          strict=True)) if a != b]
+        raise ConfigError(f"data.train and data.val map classes differently (label {diff[0][0]} is "
+                          f"'{diff[0][1]}' in one and '{diff[0][2]}' in the other; {len(diff)} differ): write both "
+                          "from folders with the same class names")
     num_classes = cfg.model.num_classes if cfg.model.num_classes is not None else n_train
     if num_classes != n_train:
         raise ConfigError(f"model.num_classes={num_classes} but {cfg.data.train} has {n_train} classes; "
@@ -291,7 +299,8 @@ class Trainer:
         self.epoch, self.step_in_epoch = 0, 0
         self.loop = TrainLoop(env=env, device=device, preempt=preempt,
                               metrics=MetricsWriter(self.run_dir / "metrics.jsonl", enabled=env.is_main),
-                              logger=log, checkpoint_state=self.checkpoint_state, run_dir=self.run_dir,
+                              logger=log, models=[model] + ([self.ema.module] if self.ema is not None else []),
+                              checkpoint_state=self.checkpoint_state, run_dir=self.run_dir,
                               keep_checkpoints=cfg.run.keep_checkpoints, check_every=cfg.run.check_every_steps,
                               log_every_s=cfg.run.log_every_s)
         torch.manual_seed(cfg.train.seed + env.rank)
@@ -365,10 +374,10 @@ class Trainer:
             if self.loop.preempted:
                 return RunStatus.PREEMPTED
             self.epoch, self.step_in_epoch = self.epoch + 1, 0
-            self.loop.save()
             last = self.epoch == cfg.train.epochs
             if last or self.epoch % cfg.train.eval_every == 0:
-                self.validate()
+                self.validate()  # before the checkpoint: weights with a NaN validation loss are not "good"
+            self.loop.save()
             if not last and self.loop.stop_requested():
                 return RunStatus.PREEMPTED
         self.paper_scores = self.evaluate_paper_protocol()
@@ -413,6 +422,7 @@ class Trainer:
     def validate(self) -> dict[str, float]:
         stats = self.evaluate()
         self.loop.metrics.write(kind="val", epoch=self.epoch, step=self.loop.step, **stats)
+        self.loop.check_validation(stats["loss"], f"validation loss after epoch {self.epoch}")
         if self.env.is_main:
             log.info("epoch %d/%d: val top-1 %.4f, top-5 %.4f, loss %.4f", self.epoch,
                      self.cfg.train.epochs, stats["top1"], stats["top5"], stats["loss"])
@@ -472,13 +482,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "ImageNet pretraining of a timm model (ffcv data, DDP, resumable).", prog="python -m backbone.train",
         epilog="config keys (section.key=default):\n" + describe_keys(PretrainConfig))
     args = parser.parse_args(argv)
-    try:
-        cfg = load_config(PretrainConfig, args.config, args.overrides)
-        run(cfg)
-    except (ConfigError, ckpt.CheckpointError, NonFiniteLossError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return run_cli(lambda: load_config(PretrainConfig, args.config, args.overrides), run,
+                   (ConfigError, ckpt.CheckpointError, NonFiniteLossError, WeightsMismatchError, FileNotFoundError))
 
 
 if __name__ == "__main__":

@@ -111,6 +111,29 @@ def read_meta(beton: str | Path) -> dict:
         return json.load(f)
 
 
+def check_beton(beton: str | Path, meta: dict) -> None:
+    """Open ``beton`` with ffcv's reader and check it against its JSON: the fields this project writes and as
+    many samples as the JSON says. Raises ValueError: a random, truncated or foreign file fails here, before a
+    run creates anything, rather than in a loader thread."""
+    import torch
+
+    threads = torch.get_num_threads()
+    try:
+        from ffcv.reader import Reader  # importing ffcv sets torch's thread count to 1: put it back
+
+        reader = Reader(str(beton))
+    except Exception as e:  # noqa: BLE001 - ffcv raises what numpy raises on a bad header
+        raise ValueError(f"not a readable .beton ({type(e).__name__}: {e})") from None
+    finally:
+        torch.set_num_threads(threads)
+    fields = set(reader.field_names)
+    if fields != {"image", "label"}:
+        raise ValueError(f"it holds the fields {sorted(fields)}, not image and label")
+    if reader.num_samples != meta.get("num_images"):
+        raise ValueError(f"it holds {reader.num_samples} images, its JSON says {meta.get('num_images')}: the two do "
+                         "not belong together")
+
+
 def _is_image(path: Path) -> bool:
     return path.suffix.lower() in IMG_EXTENSIONS
 

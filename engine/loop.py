@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import logging
+import math
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -40,7 +41,7 @@ from . import distributed as distrib
 from .config import ConfigError
 from .logs import MetricsWriter, Progress
 from .preemption import PreemptionFlag
-from .runner import NonFiniteLossError, RunStatus
+from .runner import RunStatus, diverged
 
 T = TypeVar("T")
 
@@ -120,11 +121,12 @@ class TrainLoop:
     """Step counting, cross-rank checks, preemption, non-finite detection, throughput, records, checkpoints."""
 
     def __init__(self, *, env: distrib.DistEnv, device: torch.device, preempt: PreemptionFlag,
-                 metrics: MetricsWriter, logger: logging.Logger,
+                 metrics: MetricsWriter, logger: logging.Logger, models: Sequence[torch.nn.Module],
                  checkpoint_state: Callable[[list[dict[str, Any]]], dict[str, Any]], run_dir: Path,
                  keep_checkpoints: int = 2, step: int = 0, total_steps: int | None = None, check_every: int = 50,
                  checkpoint_every: int = 0, log_every_s: float = 30.0, nonfinite_hint: str = "") -> None:
         self.env, self.device, self.preempt, self.metrics, self.log = env, device, preempt, metrics, logger
+        self.models = list(models)  # whose weights a checkpoint holds: checked finite before each one
         self.checkpoint_state, self.run_dir, self.keep_checkpoints = checkpoint_state, run_dir, keep_checkpoints
         self.step, self.total_steps = step, total_steps
         self.check_every, self.checkpoint_every, self.log_every_s = check_every, checkpoint_every, log_every_s
@@ -140,15 +142,31 @@ class TrainLoop:
         return self.status is RunStatus.PREEMPTED
 
     def save(self) -> Path | None:
-        """Checkpoint the current step: every rank's RNG state is gathered (a collective, all ranks call
-        this), rank 0 builds the state (``checkpoint_state(rng_states)``) and writes it; returns its path there."""
+        """Checkpoint the current step (a collective: all ranks call this); returns its path on rank 0.
+
+        Every rank first checks its weights: a diverged run writes nothing and stops, all ranks alike (a
+        rank raising alone would leave the others waiting). Every rank's RNG state is gathered, rank 0
+        builds the state (``checkpoint_state(rng_states)``) and writes it, and the ranks agree on whether
+        that worked (a full disk stops them all, with rank 0's reason).
+        """
+        if distrib.any_rank(not self._weights_finite(), self.device):
+            raise diverged(f"the weights hold NaN/inf at step {self.step}", self.run_dir, self.nonfinite_hint)
         rng = ckpt.gather_rng_states(self.env.world_size)
-        path = None
+        path, error = None, None
         if self.env.is_main:
-            path = ckpt.save_checkpoint(self.checkpoint_state(rng), self.run_dir, self.step, keep=self.keep_checkpoints)
-            self.log.info("checkpoint: %s (step %d)", path, self.step)
-        distrib.barrier()
+            try:
+                path = ckpt.save_checkpoint(self.checkpoint_state(rng), self.run_dir, self.step,
+                                            keep=self.keep_checkpoints)
+                self.log.info("checkpoint: %s (step %d)", path, self.step)
+            except ckpt.CheckpointError as e:
+                error = e
+        if distrib.any_rank(error is not None, self.device):
+            raise error or ckpt.CheckpointError("rank 0 could not write the checkpoint; its log says why")
         return path
+
+    def _weights_finite(self) -> bool:
+        flags = [torch.isfinite(v).all() for m in self.models for v in m.state_dict().values() if v.is_floating_point()]
+        return bool(torch.stack(flags).all()) if flags else True
 
     def stop_requested(self) -> bool:
         """Between epochs: did a signal reach any rank? Then hand over to SLURM (the caller saved already)."""
@@ -215,11 +233,12 @@ class TrainLoop:
 
     def _check_finite(self) -> None:
         if distrib.any_rank(bool(self._window.bad.item()), self.device):
-            raise NonFiniteLossError(
-                f"non-finite training loss before step {self.step}; the run stopped without writing a new "
-                f"checkpoint. Last good checkpoint: {ckpt.latest_checkpoint(self.run_dir) or 'none'}. "
-                f"{self.nonfinite_hint or 'Lower optim.lr or check the data'}, then start again with the same "
-                "run.dir to resume from it.")
+            raise diverged(f"non-finite training loss before step {self.step}", self.run_dir, self.nonfinite_hint)
+
+    def check_validation(self, value: float, what: str) -> None:
+        """Stop a run whose validation gave a NaN/inf ``value`` (e.g. its loss) as a diverged one."""
+        if not math.isfinite(value):
+            raise diverged(f"non-finite {what} at step {self.step}", self.run_dir, self.nonfinite_hint)
 
     def _write_train_record(self, progress: Progress) -> None:
         w = self._window

@@ -21,7 +21,7 @@ import json
 import logging
 import math
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -187,6 +187,7 @@ def evaluate_dataset(model: nn.Module, dataset: SegmentationDataset, device: tor
     mine = range(env.rank, n, env.world_size)
     normalization = getattr(model, "normalization", (MEAN, STD))
     counts: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    nonfinite = 0  # images whose class scores hold NaN/inf: a diverged network, whatever its mIoU says
     # its own generator: evaluating in the middle of training must not draw from the global RNG
     loader = torch.utils.data.DataLoader(_EvalImages(dataset, mine, normalization), batch_size=1, collate_fn=_single,
                                          num_workers=min(num_workers, len(mine)), pin_memory=device.type == "cuda",
@@ -194,7 +195,9 @@ def evaluate_dataset(model: nn.Module, dataset: SegmentationDataset, device: tor
     for i, image, label in Progress(loader, len(mine), "evaluate", enabled=env.is_main, every_s=progress_every_s,
                                     logger=log):
         x = image[None].to(device, non_blocking=True).contiguous(memory_format=memory_format)
-        pred = predict(model, x, scales, flip, window, overlap, amp_dtype).argmax(1)[0]
+        scores_map = predict(model, x, scales, flip, window, overlap, amp_dtype)
+        nonfinite += int(not bool(torch.isfinite(scores_map).all()))
+        pred = scores_map.argmax(1)[0]
         label = label.to(device)
         confusion, band = metrics.update(pred, label)
         if per_image:
@@ -207,6 +210,7 @@ def evaluate_dataset(model: nn.Module, dataset: SegmentationDataset, device: tor
     model.train(was_training)
     scores = metrics.compute()
     scores["images"] = n
+    scores["nonfinite_images"] = int(distrib.all_reduce_sum(torch.tensor(nonfinite, device=device)))
     if per_image:
         scores["per_image"] = _gather_per_image(counts, dataset, env)
     return scores
@@ -232,9 +236,24 @@ def parse_scales(text: str) -> tuple[float, ...]:
         scales = tuple(float(s) for s in text.split(",") if s.strip())
     except ValueError:
         raise argparse.ArgumentTypeError(f"scales must be comma-separated numbers, got {text!r}") from None
-    if not scales or min(scales) <= 0:
-        raise argparse.ArgumentTypeError(f"scales must be positive, got {text!r}")
+    if not scales or not all(math.isfinite(s) and s > 0 for s in scales):
+        raise argparse.ArgumentTypeError(f"scales must be positive finite numbers, got {text!r}")
     return scales
+
+
+def _bounded(kind: type, low: float, high: float | None = None, high_open: bool = False) -> Callable[[str], Any]:
+    """argparse type: a ``kind`` in [low, high] (or [low, high) with ``high_open``), finite."""
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a {kind.__name__}, got {text!r}") from None
+        too_high = high is not None and (value >= high if high_open else value > high)
+        if not math.isfinite(value) or value < low or too_high:
+            upper = "" if high is None else f" and {'below' if high_open else 'at most'} {high:g}"
+            raise argparse.ArgumentTypeError(f"must be at least {low:g}{upper}, got {text!r}")
+        return value
+    return parse
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -249,16 +268,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ms", action="store_true", help=f"multi-scale inference over {MS_SCALES}")
     p.add_argument("--scales", type=parse_scales, default=None, help="explicit scales, e.g. 0.75,1,1.25")
     p.add_argument("--flip", action="store_true", help="add horizontally mirrored inputs")
-    p.add_argument("--window", type=int, default=None,
+    p.add_argument("--window", type=_bounded(int, 0), default=None,
                    help="sliding-window crop size in pixels (0 = whole image; default: the run's eval.window)")
-    p.add_argument("--overlap", type=float, default=None, help="window overlap share (default: the run's)")
-    p.add_argument("--boundary-width", type=int, default=5, help="band w in pixels for boundary accuracy")
-    p.add_argument("--max-images", type=int, default=0, help="score only the first N images (0 = all)")
+    p.add_argument("--overlap", type=_bounded(float, 0, 1, high_open=True), default=None,
+                   help="window overlap share, in [0, 1) (default: the run's)")
+    p.add_argument("--boundary-width", type=_bounded(int, 0), default=5, help="band w in pixels for boundary accuracy")
+    p.add_argument("--max-images", type=_bounded(int, 0), default=0, help="score only the first N images (0 = all)")
     p.add_argument("--save-png", type=Path, default=None, help="write colour prediction PNGs to this folder")
     p.add_argument("--out", type=Path, default=None,
                    help="JSON with all figures (default: eval_<checkpoint>_<split>[_ms][_flip]....json beside the "
                         "checkpoint; per-image counts in the .per_image.npz beside it)")
-    p.add_argument("--workers", type=int, default=2, help="data loader processes decoding images (0: in this one)")
+    p.add_argument("--workers", type=_bounded(int, 0), default=2,
+                   help="data loader processes decoding images (0: in this one)")
     p.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto")
     return p
 

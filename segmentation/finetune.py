@@ -22,6 +22,7 @@ what ``segmentation.evaluate`` needs). Starting again with the same directory re
 from __future__ import annotations
 
 import logging
+import math
 import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -42,12 +43,12 @@ from backbone.models import check_model_name
 from backbone.weights import WeightsMismatchError, load_weights, read_state_dict
 from engine import checkpoint as ckpt
 from engine import distributed as distrib
-from engine.config import ConfigError, argument_parser, describe_keys, load_config, to_dict
+from engine.config import ConfigError, argument_parser, describe_keys, load_config, require_file, to_dict
 from engine.logs import MetricsWriter
 from engine.loop import TrainLoop, autocast, backward_accumulated, grouped, split_batch
 from engine.preemption import PreemptionFlag
 from engine.provenance import file_sha256, read_run_record
-from engine.runner import NonFiniteLossError, RunDirState, RunStatus, inspect_run_dir, run_stage
+from engine.runner import NonFiniteLossError, RunDirState, RunStatus, inspect_run_dir, run_cli, run_stage
 from segmentation.artifacts import FinetuneCheckpoint, FinetuneWeights, identity
 from segmentation.datasets import (
     DATASETS,
@@ -281,8 +282,9 @@ def check_inputs(cfg: FinetuneConfig) -> FinetuneInputs:
     val = build_samples(d.dataset, d.val_split, d.root, d.sbd_root or None)
     for key in ("pretrained", "init_from"):
         path = getattr(cfg.model, key)
-        if path and not path.startswith("timm") and not Path(path).is_file():
-            raise ConfigError(f"model.{key}: {path} does not exist")
+        if path and not path.startswith("timm"):
+            require_file(path, f"model.{key}", "give the final.pth of a pretraining (pretrained) or fine-tuning "
+                                               "(init_from) run")
     try:
         anti_aliasing = resolve_anti_aliasing(cfg)
     except WeightsMismatchError as e:
@@ -354,7 +356,8 @@ class Finetuner:
         self.loop = TrainLoop(
             env=env, device=device, preempt=preempt,
             metrics=MetricsWriter(self.run_dir / "metrics.jsonl", enabled=env.is_main), logger=log,
-            checkpoint_state=self.checkpoint_state, run_dir=self.run_dir, keep_checkpoints=cfg.run.keep_checkpoints,
+            models=[self.model], checkpoint_state=self.checkpoint_state, run_dir=self.run_dir,
+            keep_checkpoints=cfg.run.keep_checkpoints,
             total_steps=self.total, check_every=cfg.run.check_every_steps,
             checkpoint_every=cfg.run.checkpoint_every, log_every_s=cfg.run.log_every_s,
             nonfinite_hint="Lower optim.lr (or optim.head_lr_mult) or check the data")
@@ -450,6 +453,8 @@ class Finetuner:
                                   per_image=False)
         self.last_val = dict(scores)
         self.loop.metrics.write(kind="val", epoch=self.epoch, step=step, split=self.cfg.data.val_split, **scores)
+        self.loop.check_validation(0.0 if scores["nonfinite_images"] == 0 else math.nan,
+                                   f"network output on {scores['nonfinite_images']} validation image(s)")
         if self.env.is_main:
             log.info("iteration %d/%d: val mIoU %.2f%%, pixel acc. %.2f%%, boundary acc. %.2f%%, internal acc. "
                      "%.2f%% (%d images)", step, self.total, 100 * scores["miou"], 100 * scores["pixel_acc"],
@@ -497,14 +502,9 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[Path | None, list[str
 
 def main(argv: Sequence[str] | None = None) -> int:
     config, overrides = parse_args(argv)
-    try:
-        cfg = load_config(FinetuneConfig, config, overrides)
-        run(cfg)
-    except (ConfigError, DatasetError, ckpt.CheckpointError, WeightsMismatchError, NonFiniteLossError,
-            FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return run_cli(lambda: load_config(FinetuneConfig, config, overrides), run,
+                   (ConfigError, DatasetError, ckpt.CheckpointError, WeightsMismatchError, NonFiniteLossError,
+                    FileNotFoundError))
 
 
 if __name__ == "__main__":
