@@ -327,7 +327,7 @@ def test_poly_lr_and_head_lr_mult_reach_the_optimiser(short_runs: dict) -> None:
 
 def test_non_finite_loss_stops_the_run(devkit: Path, tmp_path: Path) -> None:
     run_dir = tmp_path / "diverging"
-    with pytest.raises(NonFiniteLossError, match=r"non-finite training loss before iteration \d.*checkpoint: none"):
+    with pytest.raises(NonFiniteLossError, match=r"non-finite training loss before step \d.*checkpoint: none"):
         run(tiny(devkit, run_dir, "train.iterations=3", "eval.every=0", "run.check_every_steps=1",
                  "data.global_batch=2", "optim.lr=1e30"))
     assert ckpt.list_checkpoints(run_dir) == [] and not (run_dir / "final.pth").exists()
