@@ -35,6 +35,7 @@ from backbone.models import check_model_name, create_backbone
 from backbone.weights import WeightsMismatchError
 from engine import checkpoint as ckpt
 from engine import distributed as distrib
+from engine.complexity import TrainFlops
 from engine.config import (
     ConfigError,
     argument_parser,
@@ -43,6 +44,7 @@ from engine.config import (
     require_file,
     to_dict,
 )
+from engine.curves import draw_curves
 from engine.logs import MetricsWriter
 from engine.loop import TrainLoop, autocast, backward_accumulated, grouped, split_batch
 from engine.preemption import PreemptionFlag
@@ -297,8 +299,11 @@ class Trainer:
         self.criterion = nn.CrossEntropyLoss(label_smoothing=cfg.optim.label_smoothing)
 
         self.epoch, self.step_in_epoch = 0, 0
+        self.flops = TrainFlops(model)
+        self.resolution = resolution_at(cfg.resolution, self.epoch)
         self.loop = TrainLoop(env=env, device=device, preempt=preempt,
                               metrics=MetricsWriter(self.run_dir / "metrics.jsonl", enabled=env.is_main),
+                              flops_per_image=lambda: self.flops(3, self.resolution, self.resolution),
                               logger=log, models=[model] + ([self.ema.module] if self.ema is not None else []),
                               checkpoint_state=self.checkpoint_state, run_dir=self.run_dir,
                               keep_checkpoints=cfg.run.keep_checkpoints, check_every=cfg.run.check_every_steps,
@@ -369,6 +374,13 @@ class Trainer:
                      self.global_batch, self.env.world_size, self.batch.per_process,
                      f" (accumulated over {self.batch.accumulation} micro-batches of {self.batch.micro_batch})"
                      if self.batch.accumulation > 1 else "", self.peak)
+        try:
+            return self.train_epochs()
+        finally:
+            self.loop.metrics.flush()
+
+    def train_epochs(self) -> RunStatus:
+        cfg = self.cfg
         while self.epoch < cfg.train.epochs:
             self.train_epoch()
             if self.loop.preempted:
@@ -388,7 +400,7 @@ class Trainer:
         from backbone.data import epoch_batches, set_epoch, set_train_resolution
 
         cfg = self.cfg
-        res = resolution_at(cfg.resolution, self.epoch)
+        res = self.resolution = resolution_at(cfg.resolution, self.epoch)
         set_train_resolution(self.train_loader, res)
         set_epoch(self.train_loader, self.epoch)  # sample order = f(seed, epoch), also after a resume
         self.model.train()
@@ -423,10 +435,18 @@ class Trainer:
         stats = self.evaluate()
         self.loop.metrics.write(kind="val", epoch=self.epoch, step=self.loop.step, **stats)
         self.loop.check_validation(stats["loss"], f"validation loss after epoch {self.epoch}")
+        self.draw_curves()
         if self.env.is_main:
             log.info("epoch %d/%d: val top-1 %.4f, top-5 %.4f, loss %.4f", self.epoch,
                      self.cfg.train.epochs, stats["top1"], stats["top5"], stats["loss"])
         return stats
+
+    def draw_curves(self) -> None:
+        """``curves.png`` in the run directory, redrawn from metrics.jsonl (rank 0)."""
+        if self.env.is_main:
+            self.loop.metrics.flush()
+            draw_curves({self.cfg.model.name: self.run_dir}, self.run_dir / "curves.png",
+                        f"pretraining {self.cfg.model.name} ({self.run_dir.name})")
 
     @property
     def trained_model(self) -> nn.Module:
