@@ -282,6 +282,8 @@ class Trainer:
         self.run_dir = Path(cfg.run.dir)
         self.on_gpu = device.type == "cuda"
         self.amp_dtype = torch.bfloat16 if self.on_gpu and cfg.train.amp else None
+        # half-precision batches feed autocast; an fp32 model (train.amp=false) needs fp32 ones
+        self.input_dtype = torch.float16 if self.amp_dtype is not None else torch.float32
         self.memory_format = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
 
         torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
@@ -317,10 +319,10 @@ class Trainer:
         self.train_loader = make_train_loader(
             cfg.data.train, batch_size=self.batch.micro_batch, num_workers=cfg.data.num_workers, resolution=res,
             device=device, distributed=env.distributed, seed=cfg.train.seed, order="random",
-            os_cache=cfg.data.in_memory, drop_last=True)
+            os_cache=cfg.data.in_memory, drop_last=True, dtype=self.input_dtype)
         self.val_loader = make_val_loader(
             cfg.data.val, batch_size=cfg.data.val_batch_size, num_workers=cfg.data.num_workers,
-            resolution=cfg.resolution.val_res, device=device, distributed=env.distributed)
+            resolution=cfg.resolution.val_res, device=device, distributed=env.distributed, dtype=self.input_dtype)
         self.steps_per_epoch = len(self.train_loader) // self.batch.accumulation
         if self.steps_per_epoch == 0:
             raise ConfigError(f"{cfg.data.train} has fewer images than one global batch (data.global_batch="

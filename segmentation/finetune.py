@@ -213,10 +213,23 @@ def poly_lr(base: float, it: int, total: int, power: float = 0.9) -> float:
     return base * max(0.0, 1 - it / total) ** power
 
 
-def segmentation_loss(logits: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy over the labelled pixels; 0 (not 0/0 = NaN) for a batch that is all void."""
-    total = F.cross_entropy(logits.float(), masks, ignore_index=IGNORE_INDEX, reduction="sum")
-    return total / (masks != IGNORE_INDEX).sum().clamp(min=1)
+def segmentation_loss(logits: torch.Tensor, masks: torch.Tensor, deterministic: bool | None = None) -> torch.Tensor:
+    """Mean cross-entropy over the labelled pixels; 0 (not 0/0 = NaN) for a batch that is all void.
+
+    CUDA has no deterministic kernel for the 2-D ``nll_loss`` that ``cross_entropy`` uses on score maps;
+    in deterministic mode on a GPU (or with ``deterministic=True``) the same sum is taken as
+    ``-(log_softmax * one_hot)``, whose backward is deterministic.
+    """
+    labelled = masks != IGNORE_INDEX
+    if deterministic is None:
+        deterministic = logits.is_cuda and torch.are_deterministic_algorithms_enabled()
+    if deterministic:
+        log_p = logits.float().log_softmax(1)
+        target = F.one_hot(masks.where(labelled, 0), logits.shape[1]).permute(0, 3, 1, 2).to(log_p.dtype)
+        total = -(log_p * target).sum(1)[labelled].sum()
+    else:
+        total = F.cross_entropy(logits.float(), masks, ignore_index=IGNORE_INDEX, reduction="sum")
+    return total / labelled.sum().clamp(min=1)
 
 
 def param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict[str, Any]]:
