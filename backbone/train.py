@@ -276,8 +276,14 @@ def expected_identity(cfg: PretrainConfig, num_classes: int) -> dict[str, Any]:
 class Trainer:
     def __init__(self, cfg: PretrainConfig, inputs: PretrainInputs, env: distrib.DistEnv, device: torch.device,
                  preempt: PreemptionFlag):
+        import numba
+
         from backbone.data import make_train_loader, make_val_loader
 
+        if cfg.data.num_workers > numba.config.NUMBA_NUM_THREADS:
+            raise ConfigError(f"data.num_workers={cfg.data.num_workers}, but ffcv (numba) runs at most "
+                              f"{numba.config.NUMBA_NUM_THREADS} threads on this machine: lower it (the sbatch "
+                              "scripts set it from --cpus-per-task)")
         self.cfg, self.inputs, self.env, self.device = cfg, inputs, env, device
         self.run_dir = Path(cfg.run.dir)
         self.on_gpu = device.type == "cuda"

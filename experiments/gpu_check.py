@@ -39,6 +39,7 @@ import torch
 from engine.preemption import PreemptionFlag
 
 BACKBONES = ("resnet50", "resnet50_gcn")
+WORKERS = min(8, os.cpu_count() or 1)  # ffcv decoding threads (numba allows at most one per core)
 SPEED_RESOLUTIONS = (176, 224)
 
 
@@ -124,7 +125,7 @@ def check_ffcv_pipeline(betons: dict[str, Path], device: torch.device) -> str:
 
     kind = "cupy NormalizeImage" if ffcv_gpu_normalize_available() else \
         "torch fallback (cupy or pytorch_pfn_extras missing)"
-    train = make_train_loader(betons["train"], batch_size=64, num_workers=4, resolution=160, device=device)
+    train = make_train_loader(betons["train"], batch_size=64, num_workers=WORKERS, resolution=160, device=device)
     n = 0
     for images, labels in train:
         assert images.device.type == device.type and labels.device.type == device.type
@@ -135,8 +136,8 @@ def check_ffcv_pipeline(betons: dict[str, Path], device: torch.device) -> str:
     if device.type != "cuda":
         return f"{n} training images on the CPU pipeline"
     # the same validation images through both pipelines: the GPU normalisation must match the CPU one
-    gpu = make_val_loader(betons["val"], batch_size=32, num_workers=4, resolution=160, device=device)
-    cpu = make_val_loader(betons["val"], batch_size=32, num_workers=4, resolution=160, device=torch.device("cpu"))
+    gpu = make_val_loader(betons["val"], batch_size=32, num_workers=WORKERS, resolution=160, device=device)
+    cpu = make_val_loader(betons["val"], batch_size=32, num_workers=WORKERS, resolution=160, device=torch.device("cpu"))
     worst = 0.0
     for (xg, yg), (xc, yc) in zip(gpu, cpu, strict=True):
         assert torch.equal(yg.cpu(), yc)
@@ -230,7 +231,7 @@ def pretrain(betons: dict[str, Path], run_dir: Path, device: torch.device, name:
 
     cfg = load_config(PretrainConfig, None, [
         f"model.name={name}", f"data.train={betons['train']}", f"data.val={betons['val']}", f"run.dir={run_dir}",
-        "data.global_batch=64", "data.val_batch_size=64", "data.num_workers=4", "optim.lr_batch_size=256",
+        "data.global_batch=64", "data.val_batch_size=64", f"data.num_workers={WORKERS}", "optim.lr_batch_size=256",
         "optim.lr=0.4", "train.epochs=2", "resolution.min_res=128", "resolution.max_res=160",
         "resolution.start_ramp=0", "resolution.end_ramp=1", "resolution.val_res=160", "run.check_every_steps=5",
         f"train.device={device.type}", "run.log_every_s=15", *extra])
@@ -258,17 +259,12 @@ def check_pretraining(betons: dict[str, Path], work: Path, device: torch.device,
 
 def check_fp32_and_deterministic(betons: dict[str, Path], work: Path, device: torch.device) -> str:
     assert pretrain(betons, work / "fp32", device, "resnet50", "train.amp=false", "train.epochs=1") == "finished"
-    a = work / "det_a"
-    b = work / "det_b"
-    for d in (a, b):
-        assert pretrain(betons, d, device, "resnet50", "train.deterministic=true", "train.epochs=1") == "finished"
-    wa = torch.load(a / "final.pth", weights_only=True)["state_dict"]
-    wb = torch.load(b / "final.pth", weights_only=True)["state_dict"]
-    differ = [k for k in wa if not torch.equal(wa[k], wb[k])]
-    # ffcv's crops and flips are not seeded, so two runs see other pixels: determinism here means the
-    # kernels run (no "does not have a deterministic implementation" error), not equal weights
-    return (f"train.amp=false trains with fp32 batches; train.deterministic=true ran twice "
-            f"({len(differ)} of {len(wa)} tensors differ: ffcv's augmentation is not seedable)")
+    # ffcv's crops and flips are not seedable, so two runs would see other pixels anyway: what is checked
+    # is that every kernel of both stages runs in deterministic mode (no "does not have a deterministic
+    # implementation" error), pretraining here and fine-tuning below
+    assert pretrain(betons, work / "det", device, "resnet50", "train.deterministic=true",
+                    "train.epochs=1") == "finished"
+    return "train.amp=false trains with fp32 batches; train.deterministic=true runs (cuBLAS workspace set)"
 
 
 def check_finetuning(work: Path, device: torch.device, name: str) -> str:
@@ -287,8 +283,10 @@ def check_finetuning(work: Path, device: torch.device, name: str) -> str:
             f"model.backbone={name}", "model.head=gcn_br", "model.kernel_size=7",
             f"model.pretrained={work / 'pretrain' / name / 'final.pth'}", f"data.root={data / 'VOCdevkit'}",
             f"data.sbd_root={data / 'benchmark_RELEASE'}", "data.crop_size=128", "data.global_batch=8",
-            "data.num_workers=4", "train.iterations=12", "eval.every=0", "run.checkpoint_every=4",
-            "run.check_every_steps=2", f"run.dir={run_dir}", f"train.device={device.type}"])
+            f"data.num_workers={WORKERS}", "train.iterations=12", "eval.every=0", "run.checkpoint_every=4",
+            "run.check_every_steps=2", f"run.dir={run_dir}", f"train.device={device.type}",
+            # the GCN network's kernels in deterministic mode (the 2-D cross-entropy has none on CUDA)
+            f"train.deterministic={str(name == 'resnet50_gcn').lower()}"])
 
     assert run(cfg(), preempt=StopAfter(5)) == "preempted"
     assert run(cfg()) == "finished"
@@ -309,10 +307,10 @@ def throughput(betons: dict[str, Path], work: Path, device: torch.device) -> lis
     for res in SPEED_RESOLUTIONS:
         for name in BACKBONES:
             run_dir = work / "speed" / f"{name}_{res}"
-            pretrain(betons, run_dir, device, name, "train.epochs=1", f"resolution.min_res={res}",
+            pretrain(betons, run_dir, device, name, "train.epochs=3", f"resolution.min_res={res}",
                      f"resolution.max_res={res}", "data.global_batch=128", "run.check_every_steps=4",
                      "train.eval_every=100")
-            train = [r for r in read_metrics(run_dir / "metrics.jsonl") if r["kind"] == "train"][1:]  # warm-up out
+            train = [r for r in read_metrics(run_dir / "metrics.jsonl") if r["kind"] == "train"][2:]  # warm-up out
             if not train:
                 raise RuntimeError(f"{name} at {res} px wrote too few training records")
             rows.append({"backbone": name, "resolution": res,
