@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from experiments.compare.collect import aggregate, comparison_pairs
 from experiments.compare.stats import (
     Difference,
     format_difference,
@@ -138,9 +139,22 @@ def test_verdict_wording(estimate: float, low: float, high: float, text: str) ->
     assert format_difference(d, "ResNet50-GCN", "ResNet50") == text
 
 
-def test_summary_over_seeds_leaves_a_missing_seed_out() -> None:
+def test_summary_over_seeds_and_aggregation_with_a_missing_seed() -> None:
     assert summarize([80.0, None, 82.0]).format() == "81.0 ± 1.4 (n=2)"
     assert summarize([80.0]).format() == "80.0 (n=1)" and summarize([None]).format() == "–"
+    cell = aggregate({0: {"miou": 80.0, "pixel_acc": 95.0}, 1: None, 2: {"miou": 82.0, "pixel_acc": 97.0}},
+                     ["miou", "pixel_acc"])
+    assert cell["miou"] == 81.0 and cell["std"]["miou"] == pytest.approx(1.41) and cell["n"] == 2
+    assert cell["seeds"] == [0, 2] and cell["missing_seeds"] == [1] and set(cell["runs"]) == {"0", "2"}
+    assert aggregate({0: None, 1: None}, ["miou"]) is None
+
+
+def test_comparisons_are_the_papers() -> None:
+    pairs = comparison_pairs(["resnet50", "resnet50_gcn"], ["baseline", "gcn_br"])
+    assert [(p["a"], p["b"]) for p in pairs] == [
+        ("resnet50+baseline", "resnet50_gcn+baseline"), ("resnet50+gcn_br", "resnet50_gcn+gcn_br"),
+        ("resnet50+baseline", "resnet50+gcn_br"), ("resnet50_gcn+baseline", "resnet50_gcn+gcn_br")]
+    assert pairs[0]["label"] == "ResNet50-GCN vs ResNet50, Baseline head"
 
 
 def test_image_scores_are_each_images_own_miou() -> None:
