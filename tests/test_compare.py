@@ -603,7 +603,7 @@ def test_sbatch_launcher_runs_the_matrix_with_seeds_and_dependencies(slurm_clust
           for s in ("pretrain", "finetune", "collect")]]
     env = {**os.environ, **slurm_cluster}
     proc = subprocess.run([sys.executable, "-m", "experiments.compare", "--launcher", "sbatch", "--wait",
-                           *overrides], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+                           *overrides], cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     jobs = json.loads((out / "jobs.json").read_text())
     for s in (0, 1):
