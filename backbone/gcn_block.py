@@ -22,6 +22,16 @@ Choices the paper leaves open, and why we made them:
   before both branches, for the same reason).
 * The shortcut is timm's: identity, or a 1x1 stride-2 projection + BN built by timm's
   ``make_blocks``; this block only consumes it.
+
+Speed on CPU in channels_last (the trainers' memory format). oneDNN's channels_last kernels for the
+branches' *first* convs (1xk and kx1 reading all 1024 / 2048 input channels, stride 1) run 10-35 %
+slower than its NCHW ones, and those two convs are most of the block's work
+(``benchmarks/gcn_block_profile.py``). In a stride-1 block on a CPU channels_last input, both are
+therefore computed as one matrix product of the (N*H*W, C) view of the input with the two convs'
+taps stacked (``k`` taps x 2 convs x c rows), whose column blocks are then summed, shifted along W
+(branch A) or H (branch B): the same convolution, with the same weights and the same zero padding
+(:func:`separable_pair`). Parameters, state dict, NCHW, GPU, strided blocks, TorchScript and FX
+tracing keep the plain convs.
 """
 from __future__ import annotations
 
@@ -31,8 +41,10 @@ from functools import partial
 import torch
 from timm.layers import create_attn
 from torch import nn
+from torch.fx._symbolic_trace import is_fx_symbolic_tracing
 
-__all__ = ["GCNBlock", "gcn_block", "matched_branch_width", "bottleneck_macs_per_pixel", "gcn_macs_per_pixel"]
+__all__ = ["GCNBlock", "gcn_block", "matched_branch_width", "bottleneck_macs_per_pixel", "gcn_macs_per_pixel",
+           "separable_pair"]
 
 
 def bottleneck_macs_per_pixel(planes: int) -> int:
@@ -57,6 +69,49 @@ def matched_branch_width(planes: int, kernel_size: int, merge: str = "concat") -
     b = 8 * planes * kernel_size + (8 if merge == "concat" else 4) * planes
     c = bottleneck_macs_per_pixel(planes)
     return round((-b + math.sqrt(b * b + 4 * a * c)) / (2 * a))
+
+
+def _shifted_sum(y: torch.Tensor, dim: int, dilation: int) -> torch.Tensor:
+    """sum_j y[..., i + j*d - p, ..., j, :] over the taps j (dim -2 of ``y``), zero outside: a 'same' conv's
+    taps along spatial ``dim`` (1 = H, 2 = W) of an (N, H, W, k, c) tensor of per-tap products."""
+    k = y.shape[-2]
+    size = y.shape[dim]
+    centre = (k - 1) // 2
+    out = y.select(-2, centre).clone()
+    for j in range(k):
+        s = (j - centre) * dilation  # output i reads input i + s
+        lo, hi = max(0, -s), min(size, size - s)
+        if j == centre or lo >= hi:
+            continue
+        out.narrow(dim, lo, hi - lo).add_(y.select(-2, j).narrow(dim, lo + s, hi - lo))
+    return out
+
+
+def separable_pair(x: torch.Tensor, w_a: torch.Tensor, w_b: torch.Tensor, dilation: int = 1
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``conv2d(x, w_a)`` (1xk) and ``conv2d(x, w_b)`` (kx1), stride 1, 'same' zero padding, no bias, as one
+    matrix product: per-tap products of every position, then the taps summed with their shifts.
+
+    The fast form of the GCN branches' first convs for channels_last CPU tensors (see the module
+    docstring); any layout works. Returns both outputs in channels_last.
+    """
+    n, c, h, w = x.shape
+    o, k = w_a.shape[0], w_a.shape[3]
+    # rows (conv, tap, out channel) x input channels
+    taps = torch.stack([w_a.reshape(o, c, k).permute(2, 0, 1), w_b.reshape(o, c, k).permute(2, 0, 1)])
+    y = torch.matmul(x.permute(0, 2, 3, 1).reshape(n * h * w, c), taps.reshape(2 * k * o, c).t())
+    y = y.view(n, h, w, 2, k, o)
+    a = _shifted_sum(y.select(3, 0), 2, dilation)  # 1xk: taps along W
+    b = _shifted_sum(y.select(3, 1), 1, dilation)  # kx1: taps along H
+    return a.permute(0, 3, 1, 2), b.permute(0, 3, 1, 2)
+
+
+@torch.jit.ignore
+def _use_separable_pair(x: torch.Tensor) -> bool:
+    """The matrix-product form pays on CPU channels_last inputs (not under FX tracing: a plain conv there)."""
+    if is_fx_symbolic_tracing():
+        return False
+    return x.device.type == "cpu" and x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)
 
 
 class _ConvNormAct(nn.Sequential):
@@ -157,6 +212,9 @@ class GCNBlock(nn.Module):
         self.drop_path = drop_path
         self.kernel_size = kernel_size
         self.width = width
+        # stride-1 branch entries may take the matrix-product form (separable_pair) on CPU channels_last
+        self.pair_dilation = first_dilation
+        self.pair_form = stride == 1
 
     def zero_init_last(self) -> None:
         """Zero the last BN's scale so each block starts as identity (timm's ``zero_init_last``)."""
@@ -166,8 +224,14 @@ class GCNBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shortcut = x
         x = self.aa(x)
-        a = self.branch_a(x)
-        b = self.branch_b(x)
+        if self.pair_form and not torch.jit.is_scripting() and _use_separable_pair(x):
+            a1, b1 = self.branch_a[0], self.branch_b[0]
+            a, b = separable_pair(x, a1.conv.weight, b1.conv.weight, self.pair_dilation)
+            a = self.branch_a[1](a1.act(a1.bn(a)))
+            b = self.branch_b[1](b1.act(b1.bn(b)))
+        else:
+            a = self.branch_a(x)
+            b = self.branch_b(x)
         x = torch.cat([a, b], dim=1) if self.concat else a + b
         x = self.drop_block(x)
         x = self.bn(self.conv(x))

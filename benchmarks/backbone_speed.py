@@ -11,12 +11,15 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import timm
 import torch
 
-import backbone  # noqa: F401  (registers resnet50_gcn)
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's backbone, not an installed one
+import backbone  # noqa: E402, F401  (registers resnet50_gcn)
 
 FORMATS = {"nchw": torch.contiguous_format, "channels_last": torch.channels_last}
 

@@ -14,7 +14,13 @@ from torch import nn
 
 import backbone
 from backbone.artifacts import WEIGHTS_FORMAT
-from backbone.gcn_block import GCNBlock, bottleneck_macs_per_pixel, gcn_macs_per_pixel, matched_branch_width
+from backbone.gcn_block import (
+    GCNBlock,
+    bottleneck_macs_per_pixel,
+    gcn_macs_per_pixel,
+    matched_branch_width,
+    separable_pair,
+)
 from backbone.weights import WeightsMismatchError
 from engine.complexity import macs_by_module
 
@@ -152,6 +158,70 @@ def test_strided_gcn_block_in_resnet50_gcn_output_values(gcn):
     assert out.shape == (1, 2048, 4, 3)
     torch.testing.assert_close(out, expected)
 
+
+
+# ---- the channels_last CPU form of the branches' first convs (separable_pair) --------------------
+
+@pytest.mark.parametrize("k,dilation,size", [(5, 1, (14, 14)), (7, 1, (7, 7)), (5, 2, (9, 12)), (7, 3, (5, 4))])
+def test_separable_pair_is_the_two_convs(k, dilation, size):
+    """One matrix product + shifted sums == conv2d 1xk and kx1 ('same' zero padding), values and gradients."""
+    g = torch.Generator().manual_seed(k + dilation)
+    x = torch.randn(2, 12, *size, generator=g, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
+    w_a = torch.randn(5, 12, 1, k, generator=g, dtype=torch.float64).requires_grad_()
+    w_b = torch.randn(5, 12, k, 1, generator=g, dtype=torch.float64).requires_grad_()
+    x.requires_grad_()
+    p = dilation * (k - 1) // 2
+    ref = (F.conv2d(x, w_a, padding=(0, p), dilation=dilation), F.conv2d(x, w_b, padding=(p, 0), dilation=dilation))
+    out = separable_pair(x, w_a, w_b, dilation)
+    upstream = [torch.randn(r.shape, generator=g, dtype=torch.float64) for r in ref]
+    for o, r in zip(out, ref, strict=True):
+        assert o.is_contiguous(memory_format=torch.channels_last)
+        torch.testing.assert_close(o, r)
+    grads_ref = torch.autograd.grad(sum((r * u).sum() for r, u in zip(ref, upstream, strict=True)), (x, w_a, w_b))
+    grads = torch.autograd.grad(sum((o * u).sum() for o, u in zip(out, upstream, strict=True)), (x, w_a, w_b))
+    for a, b in zip(grads, grads_ref, strict=True):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("stage", ["layer3", "layer4"])
+def test_channels_last_block_takes_the_matmul_form_and_is_the_same_function(stage, monkeypatch):
+    """A stride-1 GCN block on a CPU channels_last input: same outputs and gradients as the plain
+    1xk / kx1 convs in NCHW (the old formulation), same state dict; strided blocks keep the convs."""
+    import importlib
+
+    gb = importlib.import_module("backbone.gcn_block")  # the module (backbone.gcn_block is also a function's name)
+    model = timm.create_model("resnet50_gcn")
+    block = copy.deepcopy(model.get_submodule(stage)[1]).double().train()
+    _randomise_bn(block, 3)
+    assert block.pair_form and not model.get_submodule(stage)[0].pair_form
+    calls = []
+    monkeypatch.setattr(gb, "separable_pair", lambda *a: calls.append(1) or separable_pair(*a))
+    x = torch.randn(2, block.branch_a[0].conv.in_channels, 6, 5, dtype=torch.float64)
+    upstream = torch.randn(2, block.conv.out_channels, 6, 5, dtype=torch.float64)
+    results = []
+    for fmt in (torch.contiguous_format, torch.channels_last):
+        b = copy.deepcopy(block).to(memory_format=fmt)
+        xi = x.contiguous(memory_format=fmt).detach().clone(memory_format=fmt).requires_grad_()
+        out = b(xi)
+        out.backward(upstream)
+        results.append((out, xi.grad, *(p.grad for p in b.parameters()), *b.buffers()))
+        assert len(calls) == (fmt == torch.channels_last)
+    for new, old in zip(results[1], results[0], strict=True):
+        torch.testing.assert_close(new, old)
+    cl_keys = list(copy.deepcopy(block).to(memory_format=torch.channels_last).state_dict())
+    assert list(block.state_dict()) == cl_keys
+
+
+def test_dilated_gcn_channels_last_matches_nchw():
+    """output_stride=16 dilates res-5 (stride 1, dilation 2): the matmul form follows the dilation."""
+    model = timm.create_model("resnet50_gcn", output_stride=16, features_only=True).eval().double()
+    assert model.layer4[0].pair_form and model.layer4[1].pair_dilation == 2
+    x = torch.randn(1, 3, 64, 64, dtype=torch.float64)
+    with torch.no_grad():
+        ref = model(x)[-1]
+        out = copy.deepcopy(model).to(memory_format=torch.channels_last)(
+            x.contiguous(memory_format=torch.channels_last))[-1]
+    torch.testing.assert_close(out, ref)
 
 # ---- cost ---------------------------------------------------------------------------------------
 
