@@ -106,7 +106,6 @@ def separable_pair(x: torch.Tensor, w_a: torch.Tensor, w_b: torch.Tensor, dilati
     return a.permute(0, 3, 1, 2), b.permute(0, 3, 1, 2)
 
 
-@torch.jit.ignore
 def _use_separable_pair(x: torch.Tensor) -> bool:
     """The matrix-product form pays on CPU channels_last inputs (not under FX tracing: a plain conv there)."""
     if is_fx_symbolic_tracing():
@@ -221,17 +220,22 @@ class GCNBlock(nn.Module):
         if getattr(self.bn, "weight", None) is not None:
             nn.init.zeros_(self.bn.weight)
 
+    def _branches(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # TorchScript skips the body of a bare ``if not torch.jit.is_scripting()``: the script keeps the plain convs
+        if not torch.jit.is_scripting():
+            if self.pair_form and _use_separable_pair(x):
+                return self._pair_branches(x)
+        return self.branch_a(x), self.branch_b(x)
+
+    def _pair_branches(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        a1, b1 = self.branch_a[0], self.branch_b[0]
+        a, b = separable_pair(x, a1.conv.weight, b1.conv.weight, self.pair_dilation)
+        return self.branch_a[1](a1.act(a1.bn(a))), self.branch_b[1](b1.act(b1.bn(b)))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shortcut = x
         x = self.aa(x)
-        if self.pair_form and not torch.jit.is_scripting() and _use_separable_pair(x):
-            a1, b1 = self.branch_a[0], self.branch_b[0]
-            a, b = separable_pair(x, a1.conv.weight, b1.conv.weight, self.pair_dilation)
-            a = self.branch_a[1](a1.act(a1.bn(a)))
-            b = self.branch_b[1](b1.act(b1.bn(b)))
-        else:
-            a = self.branch_a(x)
-            b = self.branch_b(x)
+        a, b = self._branches(x)
         x = torch.cat([a, b], dim=1) if self.concat else a + b
         x = self.drop_block(x)
         x = self.bn(self.conv(x))
