@@ -35,6 +35,7 @@ from backbone.models import check_model_name, create_backbone
 from backbone.weights import WeightsMismatchError
 from engine import checkpoint as ckpt
 from engine import distributed as distrib
+from engine.complexity import TrainFlops
 from engine.config import (
     ConfigError,
     argument_parser,
@@ -43,6 +44,7 @@ from engine.config import (
     require_file,
     to_dict,
 )
+from engine.curves import draw_curves
 from engine.logs import MetricsWriter
 from engine.loop import TrainLoop, autocast, backward_accumulated, grouped, split_batch
 from engine.preemption import PreemptionFlag
@@ -274,12 +276,20 @@ def expected_identity(cfg: PretrainConfig, num_classes: int) -> dict[str, Any]:
 class Trainer:
     def __init__(self, cfg: PretrainConfig, inputs: PretrainInputs, env: distrib.DistEnv, device: torch.device,
                  preempt: PreemptionFlag):
+        import numba
+
         from backbone.data import make_train_loader, make_val_loader
 
+        if cfg.data.num_workers > numba.config.NUMBA_NUM_THREADS:
+            raise ConfigError(f"data.num_workers={cfg.data.num_workers}, but ffcv (numba) runs at most "
+                              f"{numba.config.NUMBA_NUM_THREADS} threads on this machine: lower it (the sbatch "
+                              "scripts set it from --cpus-per-task)")
         self.cfg, self.inputs, self.env, self.device = cfg, inputs, env, device
         self.run_dir = Path(cfg.run.dir)
         self.on_gpu = device.type == "cuda"
         self.amp_dtype = torch.bfloat16 if self.on_gpu and cfg.train.amp else None
+        # half-precision batches feed autocast; an fp32 model (train.amp=false) needs fp32 ones
+        self.input_dtype = torch.float16 if self.amp_dtype is not None else torch.float32
         self.memory_format = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
 
         torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
@@ -297,8 +307,11 @@ class Trainer:
         self.criterion = nn.CrossEntropyLoss(label_smoothing=cfg.optim.label_smoothing)
 
         self.epoch, self.step_in_epoch = 0, 0
+        self.flops = TrainFlops(model)
+        self.resolution = resolution_at(cfg.resolution, self.epoch)
         self.loop = TrainLoop(env=env, device=device, preempt=preempt,
                               metrics=MetricsWriter(self.run_dir / "metrics.jsonl", enabled=env.is_main),
+                              flops_per_image=lambda: self.flops(3, self.resolution, self.resolution),
                               logger=log, models=[model] + ([self.ema.module] if self.ema is not None else []),
                               checkpoint_state=self.checkpoint_state, run_dir=self.run_dir,
                               keep_checkpoints=cfg.run.keep_checkpoints, check_every=cfg.run.check_every_steps,
@@ -312,10 +325,10 @@ class Trainer:
         self.train_loader = make_train_loader(
             cfg.data.train, batch_size=self.batch.micro_batch, num_workers=cfg.data.num_workers, resolution=res,
             device=device, distributed=env.distributed, seed=cfg.train.seed, order="random",
-            os_cache=cfg.data.in_memory, drop_last=True)
+            os_cache=cfg.data.in_memory, drop_last=True, dtype=self.input_dtype)
         self.val_loader = make_val_loader(
             cfg.data.val, batch_size=cfg.data.val_batch_size, num_workers=cfg.data.num_workers,
-            resolution=cfg.resolution.val_res, device=device, distributed=env.distributed)
+            resolution=cfg.resolution.val_res, device=device, distributed=env.distributed, dtype=self.input_dtype)
         self.steps_per_epoch = len(self.train_loader) // self.batch.accumulation
         if self.steps_per_epoch == 0:
             raise ConfigError(f"{cfg.data.train} has fewer images than one global batch (data.global_batch="
@@ -369,6 +382,13 @@ class Trainer:
                      self.global_batch, self.env.world_size, self.batch.per_process,
                      f" (accumulated over {self.batch.accumulation} micro-batches of {self.batch.micro_batch})"
                      if self.batch.accumulation > 1 else "", self.peak)
+        try:
+            return self.train_epochs()
+        finally:
+            self.loop.metrics.flush()
+
+    def train_epochs(self) -> RunStatus:
+        cfg = self.cfg
         while self.epoch < cfg.train.epochs:
             self.train_epoch()
             if self.loop.preempted:
@@ -388,7 +408,7 @@ class Trainer:
         from backbone.data import epoch_batches, set_epoch, set_train_resolution
 
         cfg = self.cfg
-        res = resolution_at(cfg.resolution, self.epoch)
+        res = self.resolution = resolution_at(cfg.resolution, self.epoch)
         set_train_resolution(self.train_loader, res)
         set_epoch(self.train_loader, self.epoch)  # sample order = f(seed, epoch), also after a resume
         self.model.train()
@@ -423,10 +443,18 @@ class Trainer:
         stats = self.evaluate()
         self.loop.metrics.write(kind="val", epoch=self.epoch, step=self.loop.step, **stats)
         self.loop.check_validation(stats["loss"], f"validation loss after epoch {self.epoch}")
+        self.draw_curves()
         if self.env.is_main:
             log.info("epoch %d/%d: val top-1 %.4f, top-5 %.4f, loss %.4f", self.epoch,
                      self.cfg.train.epochs, stats["top1"], stats["top5"], stats["loss"])
         return stats
+
+    def draw_curves(self) -> None:
+        """``curves.png`` in the run directory, redrawn from metrics.jsonl (rank 0)."""
+        if self.env.is_main:
+            self.loop.metrics.flush()
+            draw_curves({self.cfg.model.name: self.run_dir}, self.run_dir / "curves.png",
+                        f"pretraining {self.cfg.model.name} ({self.run_dir.name})")
 
     @property
     def trained_model(self) -> nn.Module:

@@ -30,6 +30,7 @@ __all__ = [
 ]
 
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+_STATE_KEYS = ("model", "model_ema", "state_dict", "state_dict_ema", "optimizer", "scaler", "rng")
 _SHOW = 8  # keys listed per kind of mismatch; the rest are counted
 
 
@@ -75,7 +76,8 @@ def read_state_dict(path: str | Path, *, use_ema: bool = True) -> tuple[dict[str
     keys = ("model_ema", "state_dict_ema", "state_dict", "model") if use_ema else ("state_dict", "model")
     for key in keys:
         if isinstance(ckpt.get(key), Mapping):
-            meta = {k: v for k, v in ckpt.items() if not isinstance(v, Mapping) or k == "pretrained_cfg"}
+            # everything but the weights and the training state: names, formats, model_kwargs, provenance
+            meta = {k: v for k, v in ckpt.items() if k not in _STATE_KEYS}
             meta["weights_key"] = key
             ckpt = ckpt[key]
             break

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import enum
 import logging
+import os
 import signal
 import sys
 import time
@@ -135,7 +136,14 @@ def record_config(cfg: Any, run_dir: Path) -> Path:
 
 
 def set_deterministic(on: bool) -> None:
-    """Deterministic kernels (slower) for runs that must be bit-for-bit repeatable."""
+    """Deterministic kernels (slower) for runs that must be bit-for-bit repeatable.
+
+    On CUDA, cuBLAS needs a fixed workspace for that (``CUBLAS_WORKSPACE_CONFIG``, read when its first
+    handle is made: this runs before the device is chosen); ops without a deterministic CUDA kernel
+    raise, naming the op (the stages avoid the ones they would meet: see ``segmentation_loss``).
+    """
+    if on:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     torch.backends.cudnn.benchmark = not on
     torch.use_deterministic_algorithms(on, warn_only=False)
 

@@ -43,7 +43,9 @@ from backbone.models import check_model_name
 from backbone.weights import WeightsMismatchError, load_weights, read_state_dict
 from engine import checkpoint as ckpt
 from engine import distributed as distrib
+from engine.complexity import TrainFlops
 from engine.config import ConfigError, argument_parser, describe_keys, load_config, require_file, to_dict
+from engine.curves import draw_curves
 from engine.logs import MetricsWriter
 from engine.loop import TrainLoop, autocast, backward_accumulated, grouped, split_batch
 from engine.preemption import PreemptionFlag
@@ -211,10 +213,23 @@ def poly_lr(base: float, it: int, total: int, power: float = 0.9) -> float:
     return base * max(0.0, 1 - it / total) ** power
 
 
-def segmentation_loss(logits: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy over the labelled pixels; 0 (not 0/0 = NaN) for a batch that is all void."""
-    total = F.cross_entropy(logits.float(), masks, ignore_index=IGNORE_INDEX, reduction="sum")
-    return total / (masks != IGNORE_INDEX).sum().clamp(min=1)
+def segmentation_loss(logits: torch.Tensor, masks: torch.Tensor, deterministic: bool | None = None) -> torch.Tensor:
+    """Mean cross-entropy over the labelled pixels; 0 (not 0/0 = NaN) for a batch that is all void.
+
+    CUDA has no deterministic kernel for the 2-D ``nll_loss`` that ``cross_entropy`` uses on score maps;
+    in deterministic mode on a GPU (or with ``deterministic=True``) the same sum is taken as
+    ``-(log_softmax * one_hot)``, whose backward is deterministic.
+    """
+    labelled = masks != IGNORE_INDEX
+    if deterministic is None:
+        deterministic = logits.is_cuda and torch.are_deterministic_algorithms_enabled()
+    if deterministic:
+        log_p = logits.float().log_softmax(1)
+        target = F.one_hot(masks.where(labelled, 0), logits.shape[1]).permute(0, 3, 1, 2).to(log_p.dtype)
+        total = -(log_p * target).sum(1)[labelled].sum()
+    else:
+        total = F.cross_entropy(logits.float(), masks, ignore_index=IGNORE_INDEX, reduction="sum")
+    return total / labelled.sum().clamp(min=1)
 
 
 def param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict[str, Any]]:
@@ -353,9 +368,12 @@ class Finetuner:
 
         self.epoch, self.step_in_epoch = 0, 0
         self.last_val: dict[str, Any] = {}
+        self.flops = TrainFlops(self.model)
         self.loop = TrainLoop(
             env=env, device=device, preempt=preempt,
-            metrics=MetricsWriter(self.run_dir / "metrics.jsonl", enabled=env.is_main), logger=log,
+            metrics=MetricsWriter(self.run_dir / "metrics.jsonl", enabled=env.is_main,
+                                  names={"per_class_iou": list(self.classes)}), logger=log,
+            flops_per_image=lambda: self.flops(3, d.crop_size, d.crop_size),
             models=[self.model], checkpoint_state=self.checkpoint_state, run_dir=self.run_dir,
             keep_checkpoints=cfg.run.keep_checkpoints,
             total_steps=self.total, check_every=cfg.run.check_every_steps,
@@ -424,6 +442,15 @@ class Finetuner:
                      cfg.data.dataset, cfg.data.train_split, len(self.train_set), self.total, self.global_batch,
                      self.env.world_size, self.sampler.steps_per_epoch, cfg.optim.lr, cfg.optim.head_lr_mult)
         self.model.train()
+        try:
+            self.train_iterations()
+        finally:
+            self.loop.metrics.flush()
+        return RunStatus.PREEMPTED if self.loop.preempted else RunStatus.FINISHED
+
+    def train_iterations(self) -> None:
+        """The loop, as torchvision's ``train_one_epoch`` reads, over the run's remaining iterations."""
+        cfg = self.cfg
         start = self.loop.step
         for micro_batches in self.loop.steps(self.batches(), length=self.total - start, total=self.total,
                                              initial=start, desc="fine-tune"):
@@ -433,7 +460,6 @@ class Finetuner:
             step = self.loop.step + 1
             if step == self.total or (cfg.eval.every and step % cfg.eval.every == 0):
                 self.validate(step)
-        return RunStatus.PREEMPTED if self.loop.preempted else RunStatus.FINISHED
 
     def train_step(self, micro_batches: list[tuple[torch.Tensor, torch.Tensor]], lr: float) -> torch.Tensor:
         """One optimiser step over this process's share of the global batch (its micro-batches)."""
@@ -455,6 +481,10 @@ class Finetuner:
         self.loop.metrics.write(kind="val", epoch=self.epoch, step=step, split=self.cfg.data.val_split, **scores)
         self.loop.check_validation(0.0 if scores["nonfinite_images"] == 0 else math.nan,
                                    f"network output on {scores['nonfinite_images']} validation image(s)")
+        if self.env.is_main:  # curves.png, redrawn from metrics.jsonl
+            self.loop.metrics.flush()
+            draw_curves({f"{self.cfg.model.backbone} + {self.cfg.model.head}": self.run_dir},
+                        self.run_dir / "curves.png", f"fine-tuning ({self.run_dir.name})")
         if self.env.is_main:
             log.info("iteration %d/%d: val mIoU %.2f%%, pixel acc. %.2f%%, boundary acc. %.2f%%, internal acc. "
                      "%.2f%% (%d images)", step, self.total, 100 * scores["miou"], 100 * scores["pixel_acc"],

@@ -120,6 +120,8 @@ def test_overfits_a_handful_of_images(overfit: Path) -> None:
     assert [r["step"] for r in val] == [25, 50]
     assert val[-1]["miou"] > 0.9, val[-1]
     assert {"pixel_acc", "boundary_acc", "internal_acc", "per_class_iou"} <= val[-1].keys()
+    assert all({"img_per_s", "img_per_s_per_process", "data_wait", "mfu"} <= r.keys() for r in train)
+    assert (overfit / "curves.png").exists() and list(overfit.glob("events.out.tfevents.*"))
     assert train[-1]["loss"] < train[0]["loss"] / 5 and train[-1]["lr"] < train[0]["lr"]
     final = torch.load(overfit / "final.pth", weights_only=True)
     assert final["format"] == "lkm-seg-weights-v2" and final["val"]["miou"] == val[-1]["miou"]

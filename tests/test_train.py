@@ -169,7 +169,10 @@ def test_metrics_and_final_weights_load_through_timm(uninterrupted: Path) -> Non
     records = read_metrics(uninterrupted / "metrics.jsonl")
     train = [r for r in records if r["kind"] == "train"]
     val = [r for r in records if r["kind"] == "val"]
-    assert {"loss", "lr", "resolution", "images_per_s", "step"} <= train[0].keys()
+    assert {"loss", "lr", "resolution", "img_per_s", "img_per_s_per_process", "data_wait", "mfu", "step"} \
+        <= train[0].keys()
+    assert all(r["mfu"] is None and 0 <= r["data_wait"] <= 1 and r["img_per_s"] > 0 for r in train)  # CPU: no peak
+    assert (uninterrupted / "curves.png").exists() and list(uninterrupted.glob("events.out.tfevents.*"))
     assert [r["epoch"] for r in val] == [1, 2] and val[-1]["top1"] >= 0.6 and val[-1]["top5"] == 1.0
     assert all(r["images"] == 32 and r["top5_error"] == pytest.approx(1 - r["top5"]) for r in val)
     assert [r["resolution"] for r in train] == [32] * 8 + [64] * 8  # progressive resizing over the ramp
