@@ -256,13 +256,16 @@ class Watched:
         return self.text("stdout") + self.text("stderr")
 
     def wait_for(self, ready: Callable[[], bool], what: str, *, others: Sequence[Watched] = (),
-                 idle_s: float = IDLE_S, cpu_budget_s: float | None = None) -> None:
+                 idle_s: float = IDLE_S, cpu_budget_s: float | None = None,
+                 progress: Callable[[], object] | None = None) -> None:
         """Until ``ready()``; Hung when this child (with ``others``, whose progress counts too: processes that
         wait on each other) made no progress for ``idle_s`` or used more than ``cpu_budget_s`` of CPU, or
-        AssertionError when it exited first."""
+        AssertionError when it exited first. ``progress``: a value whose change counts as progress too, for
+        work done outside the process tree (SLURM jobs: see :func:`files_progress`)."""
         group = [self, *others]
         meter = TreeMeter()
         samples: collections.deque[tuple[float, float, int]] = collections.deque()
+        last_seen, changes = None, 0
         while not ready():
             if self.proc.poll() is not None and not ready():
                 for t in self._readers:
@@ -273,7 +276,9 @@ class Watched:
                                      f"{_tail(self.text('stdout'), 3000)}{_tail(self.text('stderr'), 6000)}")
             now = time.monotonic()
             used = meter.sample([w.pid for w in group])
-            out = sum(w.output_bytes for w in group)
+            if progress is not None and (seen := progress()) != last_seen:
+                last_seen, changes = seen, changes + 1
+            out = sum(w.output_bytes for w in group) + changes
             samples.append((now, used, out))
             while len(samples) > 1 and samples[1][0] <= now - idle_s:
                 samples.popleft()
@@ -286,11 +291,11 @@ class Watched:
                              "(spinning without getting anywhere?)")
             time.sleep(0.25)
 
-    def wait(self, *, others: Sequence[Watched] = (), idle_s: float = IDLE_S,
-             cpu_budget_s: float | None = None) -> subprocess.CompletedProcess:
+    def wait(self, *, others: Sequence[Watched] = (), idle_s: float = IDLE_S, cpu_budget_s: float | None = None,
+             progress: Callable[[], object] | None = None) -> subprocess.CompletedProcess:
         """Wait for the exit of this child (and its readers), watched as in :meth:`wait_for`."""
         self.wait_for(lambda: self.proc.poll() is not None, f"waiting for {' '.join(self.cmd)[:300]}",
-                      others=others, idle_s=idle_s, cpu_budget_s=cpu_budget_s)
+                      others=others, idle_s=idle_s, cpu_budget_s=cpu_budget_s, progress=progress)
         for t in self._readers:
             t.join()
         return subprocess.CompletedProcess(self.cmd, self.proc.returncode, self.text("stdout"), self.text("stderr"))
@@ -335,16 +340,47 @@ def _hang(group: Sequence[Watched], reason: str) -> None:
 
 
 def run_watched(cmd: list[str], *, cwd: Path = ROOT, env: dict[str, str] | None = None, idle_s: float = IDLE_S,
-                cpu_budget_s: float | None = None, check: bool = False) -> subprocess.CompletedProcess:
+                cpu_budget_s: float | None = None, check: bool = False,
+                progress: Callable[[], object] | None = None) -> subprocess.CompletedProcess:
     """``subprocess.run(cmd, capture_output=True, text=True)`` that fails (Hung, with the output and every
     process's stacks) only when the child makes no progress for ``idle_s`` seconds (or spins past
-    ``cpu_budget_s`` CPU seconds): no wall-clock limit. ``check``: a non-zero exit fails, with the output."""
+    ``cpu_budget_s`` CPU seconds): no wall-clock limit. ``check``: a non-zero exit fails, with the output.
+    ``progress``: as in :meth:`Watched.wait_for` (a child that waits for SLURM jobs)."""
     with Watched(cmd, cwd=cwd, env=env) as child:
-        done = child.wait(idle_s=idle_s, cpu_budget_s=cpu_budget_s)
+        done = child.wait(idle_s=idle_s, cpu_budget_s=cpu_budget_s, progress=progress)
     if check and done.returncode != 0:
         raise AssertionError(f"{' '.join(done.args)} exited with {done.returncode}:\n{_tail(done.stdout, 3000)}"
                              f"{_tail(done.stderr, 6000)}")
     return done
+
+
+def files_progress(*folders: Path) -> Callable[[], object]:
+    """A ``progress`` for work outside the process tree (SLURM jobs): the names and sizes of the files under
+    ``folders`` (logs, run directories), which grow while the work gets anywhere."""
+    def sizes() -> tuple:
+        found = []
+        for folder in folders:
+            for p in sorted(Path(folder).rglob("*")) if Path(folder).is_dir() else ():
+                with contextlib.suppress(OSError):
+                    if p.is_file():
+                        found.append((str(p), p.stat().st_size))
+        return tuple(found)
+    return sizes
+
+
+def wait_until(until: Callable[[], bool], what: str, progress: Callable[[], object], *, idle_s: float = IDLE_S,
+               report: Callable[[], str] = lambda: "", poll_s: float = 1.0) -> None:
+    """Poll until ``until()``; Hung (with ``report()``: job states, logs) when ``progress()`` did not change for
+    ``idle_s`` seconds. For waits on work this process cannot watch as a process tree (SLURM jobs): a slow job
+    that keeps writing its log is waited for, however long; one that stopped moving fails fast."""
+    seen, moved = progress(), time.monotonic()
+    while not until():
+        now = progress()
+        if now != seen:
+            seen, moved = now, time.monotonic()
+        elif time.monotonic() - moved > idle_s:
+            raise Hung(f"no progress for {idle_s:.0f} s while waiting for {what}\n{report()}")
+        time.sleep(poll_s)
 
 
 class _Watchdog(threading.Thread):

@@ -123,7 +123,7 @@ def betons(tree, tmp_path_factory) -> dict:
 
 # Each rank builds the train and val loaders under a real 2-process gloo group and reports their
 # sample orders. Building is where ffcv 1.0.2 spins forever on a pipeline it cannot schedule (the
-# GPU order on CPU), so these children, under a timeout, also guard the CPU pipelines.
+# GPU order on CPU), so these children, watched with a CPU budget, also guard the CPU pipelines.
 _RANK = textwrap.dedent("""
     import json, os, sys
     import torch, torch.distributed as dist
