@@ -17,6 +17,7 @@ import shlex
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -68,7 +69,8 @@ def _run_forwarding_signals(cmd: list[str]) -> tuple[int, int | None]:
         with contextlib.suppress(ProcessLookupError):
             proc.send_signal(signum)
 
-    previous = {s: signal.signal(s, forward) for s in _FORWARDED}
+    main_thread = threading.current_thread() is threading.main_thread()  # only there can handlers be set
+    previous = {s: signal.signal(s, forward) for s in _FORWARDED} if main_thread else {}
     try:
         rc = proc.wait()
     finally:
