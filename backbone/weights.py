@@ -14,6 +14,7 @@ timm's own ``load_state_dict`` picks ``state_dict_ema``/``model_ema``, then ``st
 from __future__ import annotations
 
 import pickle
+import zipfile
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
@@ -59,6 +60,9 @@ def read_state_dict(path: str | Path, *, use_ema: bool = True) -> tuple[dict[str
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:  # a pickle of arbitrary objects: torch's advice is to trust it; we don't
+        if not zipfile.is_zipfile(path):  # not torch.save's archive at all (text, random bytes, another format)
+            raise WeightsMismatchError(f"cannot read checkpoint {path}: it is not a PyTorch checkpoint (a torch.save "
+                                       "archive), or it is truncated") from None
         raise WeightsMismatchError(
             f"cannot read checkpoint {path}: it holds Python objects besides tensors and plain values, which "
             "torch.load(weights_only=True) refuses to run. Save the weights alone, e.g. "

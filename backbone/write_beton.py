@@ -34,7 +34,6 @@ from dataclasses import asdict, dataclass, field
 from multiprocessing.connection import Connection
 from multiprocessing.shared_memory import SharedMemory
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -339,19 +338,25 @@ class ImageFolderRGB:
             raise WriterError(f"cannot read image {path}: {type(e).__name__}: {e}") from e
 
 
-def _watch_workers(report: Connection) -> None:
+def _watch_workers(report: Connection, workers: list[multiprocessing.process.BaseProcess], parent: int,
+                   shared: list[str]) -> None:
     """In the writer process: when a worker dies with an error, say so and end this process at once.
 
     ffcv's ``DatasetWriter`` then waits forever -- for a sample count a dead worker never delivers, or
     in a blocking read of its allocation queue, where no Python-level interrupt reaches it. So the
     writer process exits from this thread instead, and the parent cleans up.
+
+    ``workers`` holds every worker as it starts, so one that dies before the first look is seen too
+    (``multiprocessing.active_children`` forgets finished children). When the command that started this
+    process is gone (killed: it cannot clean up), this process removes ffcv's shared memory (``shared``)
+    and ends itself and its workers rather than write on for nobody; the next start removes the partial file.
     """
-    seen: dict[int, Any] = {}
     while True:
         time.sleep(0.2)
-        for child in multiprocessing.active_children():
-            seen.setdefault(child.pid, child)
-        failed = [f"{c.name} (pid {c.pid}) exited with code {c.exitcode}" for c in list(seen.values())
+        if os.getppid() != parent:
+            _unlink_shared_memory([("shared_memory", name) for name in shared])
+            os.killpg(os.getpgrp(), signal.SIGKILL)
+        failed = [f"{c.name} (pid {c.pid}) exited with code {c.exitcode}" for c in list(workers)
                   if c.exitcode not in (None, 0)]
         if failed:
             report.send(("worker", "; ".join(failed)))
@@ -364,7 +369,16 @@ def _writer_process(scan_samples: list[tuple[Path, int]], tmp_beton: Path, setti
     from ffcv.fields import IntField, RGBImageField
     from ffcv.writer import DatasetWriter
 
+    parent = os.getppid()
     os.setpgrp()  # this process and the workers it forks: one group the parent can stop at once
+    workers: list[multiprocessing.process.BaseProcess] = []
+    start = multiprocessing.process.BaseProcess.start
+
+    def start_and_watch(process: multiprocessing.process.BaseProcess) -> None:
+        start(process)
+        workers.append(process)
+
+    multiprocessing.process.BaseProcess.start = start_and_watch  # ffcv's workers (this process only)
     fields = {
         "image": RGBImageField(
             write_mode=settings.write_mode,
@@ -378,12 +392,15 @@ def _writer_process(scan_samples: list[tuple[Path, int]], tmp_beton: Path, setti
     writer = DatasetWriter(str(tmp_beton), fields, page_size=page_size, num_workers=num_workers)
     prepare = writer.prepare
 
+    shared: list[str] = []
+
     def prepare_and_report() -> None:  # the shared memory ffcv creates must not outlive a failed write
         prepare()
+        shared.append(writer.metadata_sm.name)
         report.send(("shared_memory", writer.metadata_sm.name))
 
     writer.prepare = prepare_and_report
-    threading.Thread(target=_watch_workers, args=(report,), daemon=True).start()
+    threading.Thread(target=_watch_workers, args=(report, workers, parent, shared), daemon=True).start()
     try:
         writer.from_indexed_dataset(ImageFolderRGB(scan_samples, settings.seed), chunksize=chunk_size)
     except OSError as e:
@@ -528,7 +545,9 @@ def write_beton(
             tmp_json.write_text(json.dumps(meta, indent=1) + "\n")
         except OSError as e:
             raise WriterError(f"cannot write {meta_path(out)} ({e.strerror}); free space in {out.parent}") from e
-        # The JSON first, the .beton last: an existing .beton always has its JSON.
+        # The JSON first, the .beton last: an existing .beton always has its JSON. An old one (--overwrite) goes
+        # first, so that a kill between the two renames cannot leave it beside the new JSON.
+        out.unlink(missing_ok=True)
         os.replace(tmp_json, meta_path(out))
         os.replace(tmp_beton, out)
     finally:

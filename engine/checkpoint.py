@@ -67,19 +67,28 @@ def save_atomic(obj: Any, path: str | Path) -> Path:
             os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
-    except OSError as e:
+    except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
-        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        if isinstance(e, Exception) and _disk_full(e, path.parent, _state_bytes(obj)):
             free = shutil.disk_usage(path.parent).free
             raise CheckpointError(
                 f"disk full while writing {path}: it needs about {_mib(_state_bytes(obj))} and {path.parent} has "
                 f"{_mib(free)} free. Free some space (older runs, *.beton copies) and start the same command again: "
                 "the previous checkpoint is intact and the run resumes from it.") from None
         raise
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     return path
+
+
+def _disk_full(e: BaseException, folder: Path, needed: int) -> bool:
+    """Whether writing failed for want of space. torch's zip writer turns a disk that fills up mid-file into a
+    RuntimeError ("unexpected pos"), with the ENOSPC chained to it or, after a short write, none at all: then
+    less free space than the file needs says it."""
+    chain: BaseException | None = e
+    while chain is not None:
+        if isinstance(chain, OSError) and chain.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        chain = chain.__cause__ or chain.__context__
+    return isinstance(e, RuntimeError) and shutil.disk_usage(folder).free < needed
 
 
 def _mib(n: int) -> str:

@@ -21,6 +21,7 @@ import cv2
 import numpy as np
 import pytest
 import torch
+from conftest import Hung, Watched, run_watched
 from ffcv.fields.rgb_image import RandomResizedCropRGBImageDecoder
 from ffcv.reader import Reader
 from ffcv.transforms import NormalizeImage, RandomHorizontalFlip, ToDevice, ToTensor, ToTorchImage
@@ -47,7 +48,11 @@ RAW_MAX_RES = 64  # the raw .beton is written with this max side, so the larger 
 VAL_RES = 40
 TRAIN_BATCH = 32
 TRAIN_SEED = 7
-CHILD_TIMEOUT = 300  # seconds; a healthy child needs ~20-60 s on 2 busy cores (mostly numba compiling)
+# Children are watched for progress (conftest.Watched), not timed: a hang fails when nothing moved for a while,
+# however slow a busy machine makes a healthy child (~20-60 s of wall time on 2 busy cores, mostly numba
+# compiling). ffcv's scheduling hang spins instead, so the loader children also get a budget of CPU seconds,
+# about 5x what they use (a busy machine stretches wall time, not CPU time).
+RANKS_CPU_BUDGET_S = 300
 
 
 # --------------------------------------------------------------------------------------------
@@ -102,13 +107,7 @@ def betons(tree, tmp_path_factory) -> dict:
     failed_dir = out / "failed"
     failed_dir.mkdir()
     paths = [out / "train.beton", out / "raw.beton", failed_dir / "train.beton"]
-    child = subprocess.run(
-        [sys.executable, "-c", _SCRIPTED_WRITES, str(tree["root"]), *map(str, paths)],
-        cwd=REPO_ROOT,
-        capture_output=True,
-        text=True,
-        timeout=CHILD_TIMEOUT,
-    )
+    child = run_watched([sys.executable, "-c", _SCRIPTED_WRITES, str(tree["root"]), *map(str, paths)], cwd=REPO_ROOT)
     assert child.returncode == 0, child.stderr
     result = json.loads(child.stdout.split("RESULT")[-1])
     assert result["rcs"][:2] == [0, 0], child.stderr
@@ -124,7 +123,7 @@ def betons(tree, tmp_path_factory) -> dict:
 
 # Each rank builds the train and val loaders under a real 2-process gloo group and reports their
 # sample orders. Building is where ffcv 1.0.2 spins forever on a pipeline it cannot schedule (the
-# GPU order on CPU), so these children, under a timeout, also guard the CPU pipelines.
+# GPU order on CPU), so these children, watched with a CPU budget, also guard the CPU pipelines.
 _RANK = textwrap.dedent("""
     import json, os, sys
     import torch, torch.distributed as dist
@@ -154,27 +153,23 @@ def ranks(betons, tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp("ranks")
     env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "WORLD_SIZE": "2"}
     procs = [
-        subprocess.Popen(
-            [sys.executable, "-c", _RANK, str(betons["default"]), str(out / f"{r}.json")],
-            cwd=REPO_ROOT,
-            env={**env, "RANK": str(r)},
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
+        Watched([sys.executable, "-c", _RANK, str(betons["default"]), str(out / f"{r}.json")], cwd=REPO_ROOT,
+                env={**env, "RANK": str(r)}, stderr=subprocess.STDOUT)
         for r in range(2)
     ]
     logs, timed_out = [], False
-    for p in procs:
-        try:
-            logs.append(p.communicate(timeout=CHILD_TIMEOUT)[0])
-        except subprocess.TimeoutExpired:
-            timed_out = True
-            for q in procs:
-                q.kill()
-            logs.append(p.communicate()[0])
+    try:
+        for p in procs:  # the two ranks wait for each other: either one's progress counts
+            p.wait(others=[q for q in procs if q is not p], cpu_budget_s=RANKS_CPU_BUDGET_S)
+    except Hung as e:
+        timed_out = True
+        logs.append(str(e))
+    finally:
+        for p in procs:
+            p.kill()
+    logs += [p.output for p in procs]
     return {
-        "rcs": [p.returncode for p in procs],
+        "rcs": [p.proc.returncode for p in procs],
         "timed_out": timed_out,
         "logs": logs,
         "results": [

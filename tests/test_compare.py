@@ -10,11 +10,14 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
+import psutil
 import pytest
+from conftest import Watched, files_progress, run_watched
 from PIL import Image
 
 from engine.provenance import file_sha256
@@ -39,9 +42,9 @@ SCORE = "eval_final_val_bw2.json"  # segmentation.evaluate's name for final.pth 
 IMAGENET_SCORE = "eval_imagenet_224_crop0.875.json"  # backbone.evaluate's, Table 6's protocol
 
 
-def compare(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "experiments.compare", *args], cwd=ROOT, capture_output=True,
-                          text=True, timeout=timeout)
+def compare(*args: str) -> subprocess.CompletedProcess:
+    """``python -m experiments.compare ARGS``, watched for progress (no wall-clock limit: a busy machine is slow)."""
+    return run_watched([sys.executable, "-m", "experiments.compare", *args], cwd=ROOT)
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +83,7 @@ def tiny_overrides(d: dict[str, Path], output: Path, backbones=BACKBONES, heads=
 @pytest.fixture(scope="module")
 def table(shapes_data: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> dict:
     output = tmp_path_factory.mktemp("table6")
-    proc = compare(*tiny_overrides(shapes_data, output), timeout=1800)  # ten runs: minutes on a loaded machine
+    proc = compare(*tiny_overrides(shapes_data, output))  # ten runs: minutes, more on a loaded machine
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     return {"output": output, "stdout": proc.stdout, "overrides": tiny_overrides(shapes_data, output),
             "data": shapes_data}
@@ -592,6 +595,32 @@ def test_demo_betons_are_reused_by_content_not_by_file_times(shapes_data: dict[s
     assert capsys.readouterr().out.count(".beton: ") == 2
 
 
+@pytest.mark.slow
+def test_ctrl_c_stops_the_running_stage_at_a_checkpoint_with_one_line_and_exit_130(shapes_data: dict[str, Path],
+                                                                                  tmp_path: Path) -> None:
+    out = tmp_path / "t6"
+    overrides = [o.replace("train.epochs=1,", "train.epochs=1000,") for o in  # still training when Ctrl-C comes
+                 tiny_overrides(shapes_data, out, backbones=["resnet10t"], heads=["baseline"], seeds=[0])]
+    assert any("train.epochs=1000," in o for o in overrides)
+    with Watched([sys.executable, "-m", "experiments.compare", *overrides]) as child:
+        metrics = out / "pretrain" / "resnet10t" / "seed0" / "metrics.jsonl"
+        child.wait_for(lambda: metrics.exists() and '"train"' in metrics.read_text(), "the first training steps")
+        os.killpg(child.pid, signal.SIGINT)  # Ctrl-C at a terminal: SIGINT to the foreground process group
+        done = child.wait()
+    err = done.stderr
+    assert done.returncode == 130, done.stdout[-3000:] + err[-5000:]
+    assert "Traceback" not in done.stdout + err, done.stdout[-3000:] + err[-5000:]
+    # the child got the signal once (a second one would mean "stop at once, no checkpoint") and checkpointed
+    run_dir = out / "pretrain" / "resnet10t" / "seed0"
+    assert f"stopped by SIGINT: a checkpoint is in {run_dir}" in err, err[-5000:]
+    assert "interrupted at once" not in err and list(run_dir.glob("checkpoint_*.pt")), err[-5000:]
+    # one line from the comparison, naming the run and how to go on; no fine-tune started
+    (line,) = [x for x in err.splitlines() if x.startswith("interrupted")]
+    assert line.startswith("interrupted by SIGINT: pretrain resnet10t") and "same command again" in line, err
+    assert not (out / "finetune").exists()
+    assert not [p for p in psutil.process_iter(["cmdline"]) if str(out) in " ".join(p.info["cmdline"] or [])]
+
+
 @pytest.mark.slurm
 @pytest.mark.slow
 def test_sbatch_launcher_runs_the_matrix_with_seeds_and_dependencies(slurm_cluster: dict, shapes_data: dict[str, Path],
@@ -602,8 +631,8 @@ def test_sbatch_launcher_runs_the_matrix_with_seeds_and_dependencies(slurm_clust
         *[f"launch.{s}={{nodes: 1, tasks_per_node: 1, gpus_per_node: 0, cpus_per_task: 1, time: '00:20:00'}}"
           for s in ("pretrain", "finetune", "collect")]]
     env = {**os.environ, **slurm_cluster}
-    proc = subprocess.run([sys.executable, "-m", "experiments.compare", "--launcher", "sbatch", "--wait",
-                           *overrides], cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800)
+    proc = run_watched([sys.executable, "-m", "experiments.compare", "--launcher", "sbatch", "--wait", *overrides],
+                       env=env, progress=files_progress(out))  # the jobs' logs and run directories grow
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     jobs = json.loads((out / "jobs.json").read_text())
     for s in (0, 1):
@@ -620,8 +649,7 @@ def test_sbatch_launcher_runs_the_matrix_with_seeds_and_dependencies(slurm_clust
     assert any(n.startswith("lkm-pretrain-resnet10t-s1-") for n in logs)
     assert any(n.startswith("lkm-collect-") for n in logs)
     # everything finished: a second call submits only the collect job
-    proc = subprocess.run([sys.executable, "-m", "experiments.compare", "--launcher", "sbatch", *overrides],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    proc = run_watched([sys.executable, "-m", "experiments.compare", "--launcher", "sbatch", *overrides], env=env)
     assert proc.returncode == 0 and proc.stdout.count("finished before, reused") == 6, proc.stdout + proc.stderr
     collect_id = re.search(r"collect: job (\d+)", proc.stdout).group(1)
     subprocess.run(["scancel", collect_id], capture_output=True)

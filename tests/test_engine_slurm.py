@@ -7,11 +7,11 @@ from __future__ import annotations
 
 import os
 import stat
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from conftest import run_watched
 
 from engine import slurm
 from engine.slurm import SlurmError, SlurmResources, sbatch_args, submitit_executor, time_minutes
@@ -23,8 +23,7 @@ RES = SlurmResources(nodes=2, tasks_per_node=4, gpus_per_node=4, cpus_per_task=6
 def test_engine_slurm_imports_neither_timm_nor_the_stages() -> None:
     code = ("import engine.slurm, sys; bad = sorted(m for m in sys.modules if m.split('.')[0] in "
             "{'timm', 'backbone', 'segmentation', 'experiments', 'torch'}); assert not bad, bad")
-    proc = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1], capture_output=True,
-                          text=True, timeout=120)
+    proc = run_watched([sys.executable, "-c", code])
     assert proc.returncode == 0, proc.stderr[-2000:]
 
 

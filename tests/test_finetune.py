@@ -10,13 +10,13 @@ import re
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import files_progress, run_watched, wait_until
 from PIL import Image
 from seg_fixtures import make_voc
 from signal_after import RandomDraws, SignalAfter
@@ -240,10 +240,9 @@ def test_interrupted_run_resumes_to_identical_weights(devkit: Path, tmp_path: Pa
 def _interrupt_and_resume(devkit: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture, short: tuple) -> None:
     # 3 iterations per epoch: the interruption falls mid-epoch. Straight run: by path, with the CLI flags.
     straight = tmp_path / "straight"
-    proc = subprocess.run([sys.executable, "segmentation/finetune.py", "--config", str(TINY), "--backbone",
-                           "resnet10t", "--head", "gcn_br", f"data.root={devkit}", f"run.dir={straight}", *short],
-                          cwd=ROOT, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"})
+    proc = run_watched([sys.executable, "segmentation/finetune.py", "--config", str(TINY), "--backbone",
+                        "resnet10t", "--head", "gcn_br", f"data.root={devkit}", f"run.dir={straight}", *short],
+                       env={"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "finished:" in proc.stderr
 
@@ -335,6 +334,77 @@ def test_non_finite_loss_stops_the_run(devkit: Path, tmp_path: Path) -> None:
     assert ckpt.list_checkpoints(run_dir) == [] and not (run_dir / "final.pth").exists()
 
 
+def test_diverged_fine_tune_stops_naming_a_checked_checkpoint(devkit: Path, tmp_path: Path,
+                                                             capsys: pytest.CaptureFixture) -> None:
+    """The issue's repro (optim.lr=3), shortened: a checkpoint every step, the loss looked at only at the end. The
+    weights go non-finite before any loss check; no checkpoint of them is written, none of the finite ones is
+    rotated away, and the error names the latest (finite) one."""
+    run_dir = tmp_path / "diverged"
+    code = main(["--config", str(TINY), f"data.root={devkit}", f"run.dir={run_dir}", "train.iterations=12",
+                 "eval.every=0", "run.checkpoint_every=1", "run.check_every_steps=12", "optim.lr=3",
+                 "data.global_batch=2", "data.crop_size=32"])
+    err = capsys.readouterr().err
+    latest = ckpt.latest_checkpoint(run_dir)
+    assert code == 2 and re.search(r"error: the run diverged: (the weights hold NaN/inf|non-finite training loss)",
+                                   err), err
+    assert f"Last good checkpoint: {latest} (its weights were checked finite when it was written)" in err, err
+    for path in ckpt.list_checkpoints(run_dir):
+        assert ckpt.nonfinite_tensors(torch.load(path, weights_only=False)["model"]) == [], path
+    assert not (run_dir / "final.pth").exists()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--scales", "nan"], "scales must be positive finite numbers, got 'nan'"),
+    (["--scales", "1,inf"], "scales must be positive finite numbers, got '1,inf'"),
+    (["--overlap", "1"], "must be at least 0 and below 1, got '1'"),
+    (["--overlap", "nan"], "must be at least 0 and below 1, got 'nan'"),
+    (["--boundary-width", "-1"], "must be at least 0, got '-1'"),
+    (["--window", "-512"], "must be at least 0, got '-512'"),
+])
+def test_evaluate_refuses_numbers_that_cannot_work(args: list[str], message: str,
+                                                   capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        evaluate.build_parser().parse_args(["--checkpoint", "final.pth", *args])
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_folders_and_files_that_are_not_checkpoints_are_named(devkit: Path, tmp_path: Path,
+                                                              capsys: pytest.CaptureFixture) -> None:
+    from backbone.weights import read_state_dict
+
+    notes = tmp_path / "notes.txt"
+    notes.write_text("not a checkpoint\n")
+    pickled = tmp_path / "module.pth"
+    torch.save({"model": torch.nn.Linear(2, 2)}, pickled)  # a whole module: Python objects, not just tensors
+    for args, message in (
+        (["--pretrained", str(tmp_path)], f"model.pretrained: {tmp_path} is a folder, not a file"),
+        ([f"model.init_from={tmp_path}"], f"model.init_from: {tmp_path} is a folder, not a file"),
+        (["--pretrained", str(notes)], f"cannot read checkpoint {notes}: it is not a PyTorch checkpoint"),
+        (["--pretrained", str(pickled)], f"cannot read checkpoint {pickled}: it holds Python objects besides tensors"),
+    ):
+        assert main(["--config", str(TINY), f"data.root={devkit}", f"run.dir={tmp_path / 'r'}", *args]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: {message}") and err.count("\n") == 1, err  # one line, no traceback
+    with pytest.raises(FileNotFoundError, match=f"{tmp_path} is a folder, not a checkpoint"):
+        read_state_dict(tmp_path)
+    assert not (tmp_path / "r").exists()
+
+
+def test_error_in_a_data_loader_worker_is_one_line_naming_the_file(devkit: Path, tmp_path: Path,
+                                                                  capsys: pytest.CaptureFixture) -> None:
+    broken = tmp_path / "VOCdevkit"
+    shutil.copytree(devkit, broken)
+    image = broken / "VOC2012/JPEGImages/2008_000001.jpg"
+    image.write_bytes(image.read_bytes()[:200])
+    code = main(["--config", str(TINY), f"data.root={broken}", f"run.dir={tmp_path / 'r'}", "data.num_workers=1",
+                 "train.iterations=3", "eval.every=0", "data.global_batch=6"])
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert code == 2 and len(errors) == 1 and "Original Traceback" not in err, err
+    assert errors[0].startswith(f"error: cannot read image {image}: ") and \
+        errors[0].endswith("(raised in a data loader worker)"), err
+
+
 # --- stages and bad input ---------------------------------------------------------------------------------
 @pytest.mark.slow
 def test_next_stage_starts_from_previous_final(overfit: Path, devkit: Path, tmp_path: Path) -> None:
@@ -371,8 +441,8 @@ def test_bad_inputs_are_refused_before_training(devkit: Path, tmp_path: Path, ca
 
 
 def test_module_entry_point_and_configs_load() -> None:
-    out = subprocess.run([sys.executable, "-m", "segmentation.finetune", "--help"], cwd=ROOT, capture_output=True,
-                         text=True, env={**os.environ, "COLUMNS": "120"}, check=True).stdout
+    out = run_watched([sys.executable, "-m", "segmentation.finetune", "--help"], env={"COLUMNS": "120"},
+                      check=True).stdout
     assert "--backbone" in out and "optim.head_lr_mult = 1.0" in out and "key=value" in out
     for path in sorted((ROOT / "configs/segmentation").glob("*.yaml")):
         cfg = load_config(FinetuneConfig, path)
@@ -399,11 +469,12 @@ def test_sbatch_two_tasks(slurm_cluster: dict, devkit: Path, tmp_path: Path) -> 
          f"data.root={devkit}", f"run.dir={run_dir}", "train.iterations=4", "eval.every=0",
          "data.global_batch=4"], cwd=ROOT, env=env, capture_output=True, text=True, check=True).stdout.strip()
     job = job.split(";")[0]
+    files = files_progress(tmp_path)  # the job's log and run directory: they grow while it gets anywhere
     try:  # poll every second (sbatch --wait backs off to long sleeps)
-        deadline = time.monotonic() + 420
-        while (state := _job_state(job)) not in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL"):
-            assert time.monotonic() < deadline, f"job {job} still {state} after 420 s"
-            time.sleep(1)
+        wait_until(lambda: _job_state(job) in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL"),
+                   f"job {job} to end", lambda: (_job_state(job), files()),
+                   report=lambda: "".join(p.read_text() for p in tmp_path.glob("lkm-finetune-*.out"))[-3000:])
+        state = _job_state(job)
     finally:
         subprocess.run(["scancel", job], capture_output=True)
     logs = "".join(p.read_text() for p in tmp_path.glob("lkm-finetune-*.out"))

@@ -3,13 +3,13 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from conftest import run_watched
 from PIL import Image
 from torch import nn
 
@@ -336,7 +336,6 @@ def test_cli_malformed_arguments_exit_2(capsys):
 
 
 def test_module_runs_from_the_command_line():
-    proc = subprocess.run([sys.executable, "-m", "experiments.receptive_field", "--help"], cwd=ROOT,
-                          capture_output=True, text=True, timeout=120)
+    proc = run_watched([sys.executable, "-m", "experiments.receptive_field", "--help"], cwd=ROOT)
     assert proc.returncode == 0, proc.stderr
     assert "valid receptive field" in proc.stdout.lower() and "--model resnet50:baseline" in proc.stdout

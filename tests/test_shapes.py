@@ -11,13 +11,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import subprocess
 import sys
 from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import run_watched
 from PIL import Image
 
 from experiments import shapes
@@ -30,7 +30,6 @@ TINY = ShapesSpec(seed=0, train_per_class=3, val_per_class=2, voc_train=4, voc_v
 TINY_FLAGS = [arg for key, value in asdict(TINY).items() for arg in (f"--{key.replace('_', '-')}", str(value))]
 SBD_TRAIN = TINY.sbd * 5 // 6  # the module doc: train.txt holds 5/6 of the SBD images, val.txt the rest
 MAT_HEADER_TEXT = 116  # a MAT-file's descriptive header text, where scipy writes the time of writing
-CHILD_TIMEOUT = 300
 
 
 @pytest.fixture(scope="module")
@@ -181,8 +180,7 @@ def test_write_beton_reads_the_train_folder(written: Path, tmp_path: Path) -> No
             "from backbone.write_beton import WriterSettings, write_beton\n"
             "write_beton(sys.argv[1], sys.argv[2], WriterSettings(max_resolution=64), num_workers=1)\n"
             "print('META ' + json.dumps(read_meta(sys.argv[2])))\n")
-    proc = subprocess.run([sys.executable, "-c", code, str(written / "imagenet" / "train"), str(beton)], cwd=ROOT,
-                          capture_output=True, text=True, timeout=CHILD_TIMEOUT)
+    proc = run_watched([sys.executable, "-c", code, str(written / "imagenet" / "train"), str(beton)], cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     meta = json.loads(next(line[5:] for line in proc.stdout.splitlines() if line.startswith("META ")))
     assert meta["num_classes"] == len(SHAPES) == 6
@@ -368,15 +366,13 @@ def test_interrupted_rewrite_is_not_taken_for_the_earlier_data_set(tmp_path: Pat
 def test_import_does_not_pull_in_timm() -> None:
     """The data set is drawn with numpy and PIL: writing it must not wait for timm (or the models) to load."""
     code = "import experiments.shapes, sys; assert 'timm' not in sys.modules, 'timm imported'"
-    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
-                          timeout=CHILD_TIMEOUT)
+    proc = run_watched([sys.executable, "-c", code], cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-2000:]
 
 
 def test_cli_writes_the_data_set_and_prints_where(written: Path, tmp_path: Path) -> None:
     out = tmp_path / "cli"
-    proc = subprocess.run([sys.executable, "-m", "experiments.shapes", "--out", str(out), *TINY_FLAGS], cwd=ROOT,
-                          capture_output=True, text=True, timeout=CHILD_TIMEOUT)
+    proc = run_watched([sys.executable, "-m", "experiments.shapes", "--out", str(out), *TINY_FLAGS], cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     for path in (out / "imagenet" / "train", out / "imagenet" / "val", out / "VOCdevkit", out / "benchmark_RELEASE"):
         assert str(path) in proc.stdout, (path, proc.stdout)

@@ -12,11 +12,11 @@ import os
 import re
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import files_progress, run_watched, wait_until
 
 from backbone.antialias import anti_aliasing_of
 from backbone.artifacts import load_backbone
@@ -25,7 +25,6 @@ from engine.logs import read_metrics
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 ROOT = Path(__file__).resolve().parents[1]
 TINY = "configs/pretrain/tiny_cpu.yaml"
-JOB_LIMIT_S = 420
 
 
 def overrides(betons: dict[str, Path], run_dir: Path) -> list[str]:
@@ -38,13 +37,12 @@ def job_state(job_id: str) -> str:
     return m.group(1) if m else "UNKNOWN"
 
 
-def wait_for(pred, timeout_s: float, what: str, log: Path | None = None) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not pred():
-        if time.monotonic() > deadline:
-            tail = log.read_text()[-3000:] if log is not None and log.exists() else ""
-            pytest.fail(f"timed out after {timeout_s:.0f}s waiting for {what}\n{tail}")
-        time.sleep(1)
+def wait_for(pred, what: str, job: str, log: Path, run_dir: Path) -> None:
+    """Until ``pred()``; fails (conftest.Hung) only when the job's state, its log and its run directory stay
+    unchanged for conftest.IDLE_S seconds: a slow job on a busy machine is waited for."""
+    files = files_progress(run_dir)
+    wait_until(pred, what, lambda: (job_state(job), log.stat().st_size if log.exists() else -1, files()),
+               report=lambda: f"job {job}: {job_state(job)}\n" + (log.read_text()[-3000:] if log.exists() else ""))
 
 
 @pytest.fixture(scope="module")
@@ -52,11 +50,10 @@ def submitit_run(slurm_cluster: dict, pretrain_betons: dict[str, Path],
                  tmp_path_factory: pytest.TempPathFactory) -> Path:
     base = tmp_path_factory.mktemp("submitit")
     env = {**os.environ, **slurm_cluster}
-    proc = subprocess.run(
+    proc = run_watched(  # the job runs in SLURM's daemons: its log and run directory show its progress
         [sys.executable, "-m", "backbone.submit", "--config", TINY, "--gpus-per-node", "0", "--tasks-per-node", "2",
          "--cpus-per-task", "1", "--partition", "debug", "--timeout-min", "30", "--folder", str(base / "submitit"),
-         "--wait", *overrides(pretrain_betons, base / "run")],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=JOB_LIMIT_S)
+         "--wait", *overrides(pretrain_betons, base / "run")], env=env, progress=files_progress(base))
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert re.search(r"submitted job \d+ \(slurm\)", proc.stdout) and "log:" in proc.stdout
     assert "finished: ['finished', 'finished']" in proc.stdout, proc.stdout
@@ -91,11 +88,11 @@ def test_sbatch_job_signalled_mid_run_requeues_resumes_and_matches(
         def training_started() -> bool:
             return metrics.exists() and any(r["kind"] == "train" for r in read_metrics(metrics))
 
-        wait_for(training_started, JOB_LIMIT_S, "the first training step", log)
+        wait_for(training_started, "the first training step", job, log, run_dir)
         # SIGUSR1 to the job's tasks: what --signal=USR1@300 sends before the time limit
         subprocess.run(["scancel", "--signal=USR1", job], check=True)
         wait_for(lambda: job_state(job) in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL"),
-                 JOB_LIMIT_S, f"job {job} to finish", log)
+                 f"job {job} to finish", job, log, run_dir)
         text = log.read_text()
         assert job_state(job) == "COMPLETED", text[-3000:]
         assert "received SIGUSR1" in text and "requeued SLURM job" in text, text[-3000:]

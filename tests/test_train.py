@@ -120,13 +120,10 @@ def test_flip_tta_adds_the_mirror_images_logits() -> None:
 
 # --- a full tiny run, interrupted and resumed -----------------------------------------------------------
 @pytest.fixture(scope="module")
-def uninterrupted(pretrain_betons: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The straight run; what its RandomDraws flag drew is in draws.json beside the run directory."""
-    run_dir = tmp_path_factory.mktemp("pretrain") / "straight"
-    flag = RandomDraws()
-    assert run(tiny(pretrain_betons, run_dir), preempt=flag) == "finished"
-    (run_dir.parent / "draws.json").write_text(json.dumps(flag.draws))
-    return run_dir
+def uninterrupted(pretrain_straight: Path) -> Path:
+    """The straight run (conftest, shared with test_faults); what its RandomDraws flag drew is in draws.json beside
+    the run directory."""
+    return pretrain_straight
 
 
 @pytest.mark.slow
@@ -307,11 +304,68 @@ def test_resnet50_gcn_end_to_end(pretrain_betons: dict[str, Path], tmp_path: Pat
     assert all(torch.equal(v, final["state_dict"][k]) for k, v in model.state_dict().items())
 
 
+def test_beton_files_are_opened_and_class_maps_compared_before_a_run(pretrain_betons: dict[str, Path],
+                                                                     tmp_path: Path) -> None:
+    from backbone.write_beton import meta_path
+
+    val = pretrain_betons["val"]
+    meta = json.loads(meta_path(val).read_text())
+
+    def beside_a_json(name: str, content: bytes, **changes: object) -> Path:
+        beton = tmp_path / f"{name}.beton"
+        beton.write_bytes(content)
+        meta_path(beton).write_text(json.dumps({**meta, **changes}))
+        return beton
+
+    cases = [  # a .beton with a JSON beside it that does not belong to it: refused before the run exists
+        (beside_a_json("random", os.urandom(4096)), r"data\.val: cannot read .*random\.beton: not a readable \.beton"),
+        (beside_a_json("truncated", val.read_bytes()[:len(val.read_bytes()) // 2]), r"not a readable \.beton"),
+        (beside_a_json("other_count", val.read_bytes(), num_images=31), r"holds 32 images, its JSON says 31"),
+        (beside_a_json("renamed", val.read_bytes(), classes=["a", "b", "c", "d"]),
+         r"data\.train and data\.val map classes differently \(label 0 is 'n00000001' in one and 'a' in the other; "
+         r"4 differ\)"),
+    ]
+    for beton, message in cases:
+        with pytest.raises(ConfigError, match=message):
+            check_inputs(tiny({"train": pretrain_betons["train"], "val": beton}, tmp_path / "r"))
+    with pytest.raises(ConfigError, match=rf"data\.train: {tmp_path} is a folder, not a file"):
+        check_inputs(tiny({"train": tmp_path, "val": val}, tmp_path / "r"))
+    with pytest.raises(ConfigError, match=r"data\.num_workers must be at least 1, not 0"):
+        tiny(pretrain_betons, tmp_path / "r", "data.num_workers=0")  # ffcv needs a thread to decode in
+    assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.slow
+def test_nan_validation_loss_stops_the_run_before_the_epochs_checkpoint(
+        uninterrupted: Path, pretrain_betons: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture) -> None:
+    """Weights that are finite but give a NaN validation loss (as with optim.lr=1e6 or 1e12) are not a good
+    checkpoint: the run stops as for a NaN training loss, exit 2, before writing the epoch's checkpoint."""
+    import backbone.train
+
+    run_dir = tmp_path / "nan_val"
+    shutil.copytree(uninterrupted, run_dir)
+    (run_dir / "final.pth").unlink()
+    good = ckpt.latest_checkpoint(run_dir)
+    evaluate = backbone.train.evaluate_classifier
+
+    def nan_loss(*args, **kwargs):
+        return {**evaluate(*args, **kwargs), "loss": float("nan")}
+
+    monkeypatch.setattr(backbone.train, "evaluate_classifier", nan_loss)
+    code = main(["--config", str(TINY), f"data.train={pretrain_betons['train']}", f"data.val={pretrain_betons['val']}",
+                 f"run.dir={run_dir}", "train.epochs=3"])
+    err = capsys.readouterr().err
+    assert code == 2 and "the run diverged: non-finite validation loss after epoch 3 at step 24" in err, err
+    assert f"Last good checkpoint: {good} (its weights were checked finite when it was written)" in err, err
+    assert ckpt.latest_checkpoint(run_dir) == good and not (run_dir / "final.pth").exists()
+
+
 def test_cli_help_lists_config_keys() -> None:
-    import subprocess
     import sys
 
-    out = subprocess.run([sys.executable, "-m", "backbone.train", "--help"], cwd=ROOT, capture_output=True,
-                         text=True, env={**os.environ, "COLUMNS": "120"}, check=True).stdout
+    from conftest import run_watched
+
+    out = run_watched([sys.executable, "-m", "backbone.train", "--help"], env={"COLUMNS": "120"}, check=True).stdout
     assert "--config" in out and "optim.lr = 1.7" in out and "key=value" in out
 

@@ -20,7 +20,7 @@ from engine.logs import setup_logging
 
 from .collect import collect
 from .config import CompareConfig
-from .launch import run_local, submit_sbatch, wait_for_table
+from .launch import Interrupted, run_local, submit_sbatch, wait_for_table
 from .plan import Run, StageFailed, check_plan, move_aside, plan, stale_reason
 
 __all__ = ["build_parser", "print_summary", "main"]
@@ -116,4 +116,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ConfigError, CheckpointError, StageFailed, ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except Interrupted as e:  # a run stopped by the signal (it checkpointed): one line, exit 128 + the signal
+        print(str(e), file=sys.stderr)
+        return 128 + e.signum
+    except KeyboardInterrupt:  # Ctrl-C while planning, checking or collecting: nothing is training
+        print("interrupted (Ctrl-C): nothing is lost; run the same command again to go on", file=sys.stderr)
+        return 130
     return 0

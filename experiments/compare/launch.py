@@ -11,10 +11,13 @@ submission and waiting are done, by ``engine.slurm``.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import shlex
+import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -25,16 +28,65 @@ from experiments import ROOT
 from .config import CompareConfig, LaunchConfig, ResourceConfig
 from .plan import Run, StageFailed
 
-__all__ = ["STAGE_SCRIPTS", "JOBS_FILE", "run_local", "job_resources", "stage_job_args", "collect_job_args",
-           "read_jobs", "submit_sbatch", "wait_for_table"]
+__all__ = ["STAGE_SCRIPTS", "JOBS_FILE", "Interrupted", "run_local", "job_resources", "stage_job_args",
+           "collect_job_args", "read_jobs", "submit_sbatch", "wait_for_table"]
 
 # The sbatch script of each stage (its #SBATCH lines are the defaults; our options override them).
 STAGE_SCRIPTS = {"pretrain": "slurm/imagenet_pretrain.sh", "finetune": "slurm/segmentation_finetune.sh"}
 JOBS_FILE = "jobs.json"  # {run dir or 'collect': job id} of the last submission, under output
 
 
+class Interrupted(Exception):
+    """A run stopped by Ctrl-C (or SIGTERM) given to the comparison: it checkpointed; the same command resumes it."""
+
+    def __init__(self, signum: int, run: Run, rc: int) -> None:
+        self.signum, self.run, self.rc = signum, run, rc
+        name = signal.Signals(signum).name
+        how = "it checkpointed" if rc == 128 + signum else f"it exited with code {rc}"
+        super().__init__(f"interrupted by {name}: {run.name} stopped ({how}; its run directory is {run.dir}). "
+                         "Run the same command again to resume: finished runs are reused")
+
+
+_FORWARDED = (signal.SIGINT, signal.SIGTERM)
+
+
+def _run_forwarding_signals(cmd: list[str]) -> tuple[int, int | None]:
+    """Run ``cmd`` in its own process group and hand it every SIGINT/SIGTERM this process gets, one for one;
+    returns (exit code, the first signal forwarded or None).
+
+    Ctrl-C at a terminal signals the whole foreground process group. Were the child in ours, it would get
+    the signal twice when we forward it (its trainer reads a second Ctrl-C as "stop at once, no
+    checkpoint"), or, not forwarded, never where only this process is signalled (``kill -INT``). In its
+    own group it gets each exactly once: the first makes it checkpoint and stop, a second stops it at once,
+    as when it runs alone. This process waits for it rather than dying with a KeyboardInterrupt (which
+    would kill the child before its checkpoint and print a traceback).
+    """
+    got: list[int] = []
+    proc = subprocess.Popen(cmd, process_group=0)
+
+    def forward(signum: int, frame: object) -> None:
+        got.append(signum)
+        with contextlib.suppress(ProcessLookupError):
+            proc.send_signal(signum)
+
+    main_thread = threading.current_thread() is threading.main_thread()  # only there can handlers be set
+    previous = {s: signal.signal(s, forward) for s in _FORWARDED} if main_thread else {}
+    try:
+        rc = proc.wait()
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        if proc.poll() is None:  # an unexpected error in this process: leave no child behind
+            proc.kill()
+            proc.wait()
+    return rc, (got[0] if got else None)
+
+
 def run_local(runs: Sequence[Run]) -> None:
-    """Each unfinished run in turn, as a subprocess whose output (progress bars, logs) is shown as is."""
+    """Each unfinished run in turn, as a subprocess whose output (progress bars, logs) is shown as is.
+
+    Ctrl-C (or SIGTERM) reaches the running child once: it checkpoints and stops, and this raises
+    Interrupted (no later run starts)."""
     for i, run in enumerate(runs, 1):
         head = f"[{i}/{len(runs)}] {run.name}"
         if run.finished:
@@ -44,7 +96,9 @@ def run_local(runs: Sequence[Run]) -> None:
         print(f"{head} -> {run.dir}" + (" (resuming)" if run.dir.exists() else "")
               + (f", {procs} processes (torchrun, one per GPU)" if procs > 1 else ""), flush=True)
         t0 = time.monotonic()
-        rc = subprocess.run(run.command()).returncode
+        rc, signum = _run_forwarding_signals(run.command())
+        if signum is not None:
+            raise Interrupted(signum, run, rc)
         if rc != 0 or not run.finished:
             raise StageFailed(f"{run.name} failed (exit {rc}); its log: {run.dir / 'train.log'}. Fix the cause and "
                               "run the same command again: finished runs are reused and this one resumes")

@@ -1,0 +1,940 @@
+"""Fault injection: SIGKILL at seeded random points of writing a .beton, of checkpointing and of training, a
+full disk (a small tmpfs) while writing and while checkpointing, dead writer processes, signals, divergence.
+
+After every fault: nothing that looks finished is wrong (a ``.beton`` has its JSON and holds what the JSON
+says; a checkpoint or ``final.pth`` is whole and finite), every checkpoint left loads, and a resumed run
+ends with the weights of an uninterrupted one (deterministic mode, one thread).
+
+Cost: each fault needs a process that dies, and a fresh Python with torch costs seconds. So one child
+process per stage (the writer "lab", the fine-tuning "lab") imports everything once and forks a process
+for every injected fault; the test process only reads what they report. ``LKM_FAULT_SEED`` changes the
+seed of the random points (default 14); a failure message names the points chosen.
+
+Every child is watched for progress (conftest.run_watched / Watched): a hang fails with the stacks of the
+processes involved, never because a busy machine was slow.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import signal
+import socket
+import subprocess
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import PYTHON, ROOT, Hung, Watched, run_watched
+from imagenet_fixture import make_imagefolder
+from PIL import Image
+
+SEED = int(os.environ.get("LKM_FAULT_SEED", "14"))
+IS_ROOT = os.geteuid() == 0
+
+
+@pytest.fixture(scope="module")
+def small_tmpfs(tmp_path_factory: pytest.TempPathFactory):
+    """A 12 MiB tmpfs: a disk that fills up. Needs root (skips otherwise); unmounted at the end."""
+    path = tmp_path_factory.mktemp("tmpfs")
+    yield from _tmpfs(path, "12m")
+
+
+def _tmpfs(path: Path, size: str):
+    if not IS_ROOT:
+        pytest.skip("mounting a tmpfs needs root")
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True,
+                          text=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs: {done.stderr.strip()}")
+    try:
+        yield path
+    finally:
+        if subprocess.run(["umount", str(path)], capture_output=True).returncode != 0:
+            subprocess.run(["umount", "-l", str(path)], capture_output=True)
+
+
+def _children_env(**extra: str) -> dict[str, str]:
+    """One thread (sums then do not depend on the machine), no SLURM job (signals are the user's)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    return {**env, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", **extra}
+
+
+# =============================================================================================================
+# The watchers themselves: a hang is found by lack of progress, with stacks; slow or busy children are not hangs
+# =============================================================================================================
+def test_run_watched_reports_a_hung_child_with_its_stacks() -> None:
+    child = textwrap.dedent("""
+        import os, threading, time
+        threading.Thread(target=lambda: [time.sleep(0.2) for _ in iter(int, 1)], daemon=True).start()  # polls
+        print("waiting for a pipe nobody writes", flush=True)
+        os.read(os.pipe()[0], 1)
+    """)
+    with pytest.raises(Hung) as hung:
+        run_watched([PYTHON, "-c", child], idle_s=3)
+    message = str(hung.value)
+    assert "no output and" in message and "waiting for a pipe nobody writes" in message
+    assert "pipe" in message  # where the kernel has it waiting (wchan, kernel stack)
+    assert 'File "<string>", line 5 in <module>' in message  # faulthandler: the main thread's Python stack
+
+
+def test_run_watched_lets_slow_and_busy_children_finish() -> None:
+    # silent for twice the idle limit while a grandchild computes: the tree made progress
+    busy = "import subprocess, sys; subprocess.run([sys.executable, '-c', 'import time\\nt = time.time()\\n" \
+           "while time.time() - t < 3: pass']); print('done')"
+    assert run_watched([PYTHON, "-c", busy], idle_s=1.5, check=True).stdout == "done\n"
+    # idle but talking: output is progress
+    talker = "import time\nfor i in range(3): time.sleep(1); print(i, flush=True)"
+    assert run_watched([PYTHON, "-c", talker], idle_s=1.5, check=True).stdout.split() == ["0", "1", "2"]
+    # busy forever: caught by its CPU budget, not by a wall clock
+    with pytest.raises(Hung, match="over its budget of 2 s"):
+        run_watched([PYTHON, "-c", "while True: pass"], cpu_budget_s=2)
+
+
+_WATCHDOG_DEMO = textwrap.dedent("""
+    import os, signal
+
+    def test_blocked_in_c():
+        if os.environ["DEMO"] == "deaf":
+            signal.signal(signal.SIGINT, signal.SIG_IGN)  # C code that does not return on a signal
+        r, w = os.pipe()
+        os.read(r, 1)
+""")
+
+
+@pytest.mark.parametrize("mode", ["interruptible", "deaf"])
+def test_session_watchdog_dumps_stacks_and_ends_a_hung_test(mode: str, tmp_path: Path) -> None:
+    (tmp_path / "test_demo.py").write_text(_WATCHDOG_DEMO)
+    done = run_watched([PYTHON, "-m", "pytest", "-p", "conftest", "-p", "no:cacheprovider", "-q", "test_demo.py"],
+                       cwd=tmp_path, env={"PYTHONPATH": f"{ROOT / 'tests'}:{ROOT}", "LKM_TEST_WATCHDOG_S": "2",
+                                          "DEMO": mode}, idle_s=30)
+    out = done.stdout + done.stderr
+    assert "WATCHDOG" in out and "test_demo.py::test_blocked_in_c: no progress for" in out, out
+    assert 'test_demo.py", line 8 in test_blocked_in_c' in out, out  # every thread's stack, this one blocked
+    if mode == "interruptible":  # SIGINT wakes it: pytest reports the interruption and where, and stops
+        assert done.returncode == 2 and "KeyboardInterrupt" in out, out
+    else:  # nothing wakes it: the session ends, loudly
+        assert done.returncode == 70 and "still blocked after SIGINT" in out, out
+
+
+# =============================================================================================================
+# Writing a .beton
+# =============================================================================================================
+# One child imports the writer (and ffcv's) once, makes itself the reaper of orphaned descendants (so a writer
+# left behind by a kill is seen, and how it ended), logs every shared-memory segment created, then runs each
+# scenario in a forked process: reference writes, SIGKILLs at random points, dying writer processes, full disks.
+_WRITER_LAB = textwrap.dedent("""
+    import ctypes, json, os, random, signal, sys, threading, time, traceback
+    from multiprocessing import shared_memory
+    from pathlib import Path
+
+    import numpy as np
+    import psutil
+    import ffcv.writer  # noqa: F401 - loaded once, before the forks
+    from ffcv.reader import Reader
+
+    import backbone.write_beton as wb
+
+    cfg = json.loads(sys.argv[1])
+    rng = random.Random(cfg["seed"])
+    F, G, TINY, BIG, WORK, DISK = (Path(cfg[k]) for k in ("F", "G", "tiny", "big", "work", "disk"))
+    ctypes.CDLL(None).prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER: orphaned writers become our children
+    SHM_LOG = WORK / "shm.log"
+    _init = shared_memory.SharedMemory.__init__
+
+    def _logged(self, name=None, create=False, size=0):
+        _init(self, name, create, size)
+        if create:
+            with open(SHM_LOG, "a") as f:
+                f.write(self.name + "\\n")
+
+    shared_memory.SharedMemory.__init__ = _logged
+    MAIN = [0]  # pid of the forked command, seen by its writer and workers
+    TRACKER = "resource_tracker import main" + ";main("  # how multiprocessing starts its tracker (not our -c)
+
+    def descendants():
+        found = []
+        for p in psutil.Process().children(recursive=True):
+            try:
+                if p.status() != psutil.STATUS_ZOMBIE and TRACKER not in " ".join(p.cmdline()):
+                    found.append(p)
+            except psutil.Error:
+                pass
+        return found
+
+    def settle():
+        # wait (without CPU: a hang shows as one) until no process of the scenario is left: how each ended
+        ended, names = [], {}
+
+        def reaped(pid, status):
+            if pid in names:  # resource trackers (they end by themselves) are not the scenario's processes
+                ended.append([names[pid], os.waitstatus_to_exitcode(status)])
+
+        while live := descendants():
+            names.update({p.pid: f"{p.name()} {p.pid}" for p in live})
+            reaped(*os.waitpid(-1, 0))
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                break
+            if pid == 0:
+                break
+            reaped(pid, status)
+        return ended
+
+    def shm_names():
+        return SHM_LOG.read_text().split() if SHM_LOG.exists() else []
+
+    def stored(beton):
+        reader = Reader(str(beton))
+        names = list(reader.handlers)
+        image, label = reader.metadata[f"f{names.index('image')}"], reader.metadata[f"f{names.index('label')}"]
+        return [label.tolist(), image["width"].tolist(), image["height"].tolist(), image["mode"].tolist()]
+
+    REF = {}
+
+    def finished_looking_problems(folder):
+        # every .beton must have its JSON, open, and hold exactly what a clean write of the JSON's source holds
+        problems = []
+        for beton in sorted(folder.glob("*.beton")):
+            try:
+                meta = wb.read_meta(beton)
+                wb.check_beton(beton, meta)
+                source = meta["writer"]["source"]
+                if source in REF and stored(beton) != REF[source]:
+                    problems.append(f"{beton.name} does not hold what its JSON describes ({source})")
+            except Exception as e:
+                problems.append(f"{beton.name}: {type(e).__name__}: {e}")
+        return problems
+
+    def scenario(name, args, inject=None, out=None):
+        log = WORK / f"{name}.log"
+        shm_before = len(shm_names())
+        sys.stdout.flush(); sys.stderr.flush()
+        pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+                os.dup2(fd, 1); os.dup2(fd, 2)
+                MAIN[0] = os.getpid()
+                if inject:
+                    inject()
+                code = wb.main(args)
+            except SystemExit as e:
+                code = e.code
+            except BaseException:
+                traceback.print_exc()
+                code = 99
+            finally:
+                sys.stdout.flush(); sys.stderr.flush()
+                os._exit(code if isinstance(code, int) else 1)
+        _, status = os.waitpid(pid, 0)
+        rc = os.waitstatus_to_exitcode(status)
+        left_behind = settle()
+        out = Path(out or args[args.index("--out") + 1]).parent
+        shm = shm_names()[shm_before:]  # made by this scenario's writer
+        result = {"name": name, "rc": rc, "log": log.read_text()[-6000:], "left_behind": left_behind,
+                  "files": sorted(p.name for p in out.iterdir()), "problems": finished_looking_problems(out),
+                  "shm_left": [n for n in shm if Path("/dev/shm", n.lstrip("/")).exists()]}
+        print("RESULT", json.dumps(result), flush=True)
+        return result
+
+    def write_args(data, out, *extra):
+        Path(out).parent.mkdir(exist_ok=True)
+        return ["--data-dir", str(data), "--out", str(out), "--num-workers", "2", "--chunk-size", "2", *extra]
+
+    # --- injections (run in the forked command, inherited by its writer process and workers) -------------
+    def kill_while_checking(k):
+        target = wb.scan_imagefolder(F).samples[k][0]
+        probe = wb.probe_image
+        def probe_or_die(path):
+            if path == target:
+                os.kill(MAIN[0], signal.SIGKILL)
+            return probe(path)
+        return lambda: setattr(wb, "probe_image", probe_or_die)
+
+    def in_worker(k, action):
+        def inject():
+            getitem = wb.ImageFolderRGB.__getitem__
+            def patched(self, index):
+                if index == k:
+                    action()
+                return getitem(self, index)
+            wb.ImageFolderRGB.__getitem__ = patched
+        return inject
+
+    def kill_everything():  # kill -9 of the command and its writer group: a cgroup kill, the OOM killer
+        os.kill(MAIN[0], signal.SIGKILL)
+        os.killpg(os.getpgrp(), signal.SIGKILL)
+
+    def kill_command_only(k):  # kill -9 PID of the command; every sample from k on never finishes
+        def inject():
+            getitem = wb.ImageFolderRGB.__getitem__
+            def patched(self, index):
+                if index == k:
+                    os.kill(MAIN[0], signal.SIGKILL)
+                if index >= k:
+                    threading.Event().wait()
+                return getitem(self, index)
+            wb.ImageFolderRGB.__getitem__ = patched
+        return inject
+
+    def kill_between_renames():
+        replace = os.replace
+        def replace_then_die(src, dst):
+            replace(src, dst)
+            if str(dst).endswith(".json"):
+                os.kill(os.getpid(), signal.SIGKILL)
+        os.replace = replace_then_die
+
+    n = len(wb.scan_imagefolder(F).samples)
+    points = {"check": rng.randrange(n), "write": rng.randrange(n), "orphan": rng.randrange(n),
+              "writer": rng.randrange(n)}
+    print("POINTS", json.dumps(points), flush=True)
+    for name, data in (("ref_F", F), ("ref_G", G)):
+        r = scenario(name, write_args(data, WORK / name / "train.beton"))
+        assert r["rc"] == 0, r
+        REF[str(data.resolve())] = stored(WORK / name / "train.beton")
+
+    out = WORK / "out" / "train.beton"
+    scenario("kill_while_checking", write_args(F, out), kill_while_checking(points["check"]))
+    scenario("kill_while_writing", write_args(F, out), in_worker(points["write"], kill_everything))
+    scenario("kill_command_only", write_args(F, out), kill_command_only(points["orphan"]))
+    scenario("rerun", write_args(F, out))
+    scenario("overwrite_killed_between_renames", write_args(G, out, "--overwrite"), kill_between_renames)
+    scenario("rerun_overwrite", write_args(G, out, "--overwrite"))
+
+    # a worker dying on its first sample, before anything could have seen it run
+    scenario("worker_dies", write_args(F, WORK / "w" / "train.beton"),
+             in_worker(0, lambda: os.kill(os.getpid(), signal.SIGKILL)))
+    scenario("writer_dies", write_args(F, WORK / "w" / "train.beton"),
+             in_worker(points["writer"], lambda: os.kill(os.getppid(), signal.SIGKILL)))
+    raw = ["--write-mode", "raw", "--compress-probability", "0"]
+    scenario("disk_full", write_args(BIG, DISK / "train.beton", *raw))
+    filler = DISK / "filler"
+    filler.write_bytes(b"\\0" * (8 << 20))  # 4 MiB stay free: under one 8 MiB page of ffcv's
+    shm_before = len(shm_names())
+    r = scenario("no_room_up_front", write_args(BIG, DISK / "train.beton", *raw))
+    print("UPFRONT", json.dumps({"new_shm": len(shm_names()) != shm_before}), flush=True)
+    filler.unlink()
+
+    stale = WORK / "stale"
+    stale.mkdir()
+    dead = os.fork()
+    if dead == 0:
+        os._exit(0)
+    os.waitpid(dead, 0)
+    for name in (f".train.beton.partial-{dead}", f".train.json.partial-{dead}"):
+        (stale / name).write_bytes(b"half")
+    scenario("stale_partials", write_args(F, stale / "train.beton"))
+    live = WORK / "live"
+    live.mkdir()
+    (live / f".train.beton.partial-{os.getpid()}").write_bytes(b"someone else's")  # this lab is alive
+    scenario("partial_of_a_live_writer", write_args(F, live / "train.beton"))
+
+    scenario("tiny_images_refused", write_args(TINY, WORK / "tiny" / "train.beton"))
+    scenario("tiny_images_skipped", write_args(TINY, WORK / "tiny" / "train.beton", "--skip-bad"))
+    print("TINY", json.dumps(wb.read_meta(WORK / "tiny" / "train.beton") if (WORK / "tiny" / "train.beton").exists()
+                             else None), flush=True)
+    # a kill of everything (command and writer group) leaves ffcv's shared memory behind: nobody is left to remove it
+    leaked = [n for n in shm_names() if Path("/dev/shm", n.lstrip("/")).exists()]
+    for n in leaked:
+        Path("/dev/shm", n.lstrip("/")).unlink()
+    print("LEAKED", json.dumps(leaked), flush=True)
+""")
+
+
+def _lab_results(stdout: str) -> dict[str, dict]:
+    return {r["name"]: r for r in (json.loads(line[len("RESULT "):]) for line in stdout.splitlines()
+                                   if line.startswith("RESULT "))}
+
+
+def _lab_line(stdout: str, tag: str):
+    return next(json.loads(line[len(tag) + 1:]) for line in stdout.splitlines() if line.startswith(tag + " "))
+
+
+@pytest.fixture(scope="module")
+def writer_lab(tmp_path_factory: pytest.TempPathFactory, small_tmpfs: Path) -> dict:
+    base = tmp_path_factory.mktemp("writer_lab")
+    make_imagefolder(base / "F", classes=3, per_class=6, size_range=(40, 80), seed=0, oddities=False)
+    make_imagefolder(base / "G", classes=3, per_class=6, size_range=(40, 80), seed=1, oddities=False)
+    make_imagefolder(base / "big", classes=2, per_class=20, size_range=(150, 170), seed=2, oddities=False)
+    shutil.copytree(base / "F", base / "tiny")
+    Image.new("RGB", (1, 1), (200, 30, 30)).save(base / "tiny/n00000001/n00000001_zdot.JPEG")
+    Image.new("RGB", (10000, 10), (30, 200, 30)).save(base / "tiny/n00000002/n00000002_zsliver.JPEG")
+    (base / "work").mkdir()
+    config = {"F": base / "F", "G": base / "G", "tiny": base / "tiny", "big": base / "big", "work": base / "work",
+              "disk": small_tmpfs, "seed": SEED}
+    done = run_watched([PYTHON, "-c", _WRITER_LAB, json.dumps({k: str(v) for k, v in config.items()})])
+    results = _lab_results(done.stdout)
+    assert done.returncode == 0 and "tiny_images_skipped" in results, \
+        f"the writer lab failed (exit {done.returncode}):\n{done.stdout[-4000:]}\n{done.stderr[-8000:]}"
+    return {"results": results, "points": _lab_line(done.stdout, "POINTS"),
+            "upfront": _lab_line(done.stdout, "UPFRONT"),
+            "tiny_meta": _lab_line(done.stdout, "TINY"), "base": base, "disk": small_tmpfs}
+
+
+def _show(r: dict) -> str:
+    return json.dumps({k: v for k, v in r.items() if k != "log"}, indent=1) + "\n--- log:\n" + r["log"]
+
+
+def _clean(r: dict) -> None:
+    """Nothing finished-looking is wrong, no process of it is left, no shared memory of it stays."""
+    assert r["problems"] == [], _show(r)
+    assert r["shm_left"] == [], _show(r)
+
+
+@pytest.mark.slow
+def test_beton_write_killed_at_random_points_leaves_nothing_finished_looking(writer_lab: dict) -> None:
+    res, points = writer_lab["results"], writer_lab["points"]
+    order = ["kill_while_checking", "kill_while_writing", "kill_command_only", "rerun"]
+    for name, following in zip(order, order[1:], strict=False):
+        r = res[name]
+        assert r["rc"] == -signal.SIGKILL, f"{name} at {points}: {_show(r)}"
+        assert "train.beton" not in r["files"] and "train.json" not in r["files"], _show(r)
+        assert r["problems"] == [], _show(r)
+        # its partial file stays until the next start, which removes it
+        (partial,) = (f for f in r["files"] if f.startswith(".train.beton.partial-"))
+        assert f"{partial}, left by an interrupted writer" in res[following]["log"], _show(res[following])
+        assert partial not in res[following]["files"], _show(res[following])
+    # killed alone, the command's writer process and its workers must not write on for nobody (and take their
+    # shared memory with them)
+    orphans = res["kill_command_only"]
+    assert len(orphans["left_behind"]) == 3, _show(orphans)  # the writer and its 2 workers
+    assert all(code == -signal.SIGKILL for _, code in orphans["left_behind"]), _show(orphans)
+    assert orphans["shm_left"] == [], _show(orphans)
+    # the next start writes what a clean write writes (compared by the lab with its reference write)
+    rerun = res["rerun"]
+    assert rerun["rc"] == 0 and rerun["files"] == ["train.beton", "train.json"], _show(rerun)
+    _clean(rerun)
+
+
+@pytest.mark.slow
+def test_overwrite_killed_between_the_renames_never_pairs_an_old_beton_with_a_new_json(writer_lab: dict) -> None:
+    r = writer_lab["results"]["overwrite_killed_between_renames"]
+    assert r["rc"] == -signal.SIGKILL, _show(r)
+    assert r["problems"] == [], _show(r)  # the old .beton (of F) must not stay beside the new JSON (of G)
+    again = writer_lab["results"]["rerun_overwrite"]
+    assert again["rc"] == 0 and again["files"] == ["train.beton", "train.json"], _show(again)
+    _clean(again)
+
+
+@pytest.mark.slow
+def test_dead_writer_worker_or_writer_process_ends_the_write_with_the_cause(writer_lab: dict) -> None:
+    res = writer_lab["results"]
+    worker = res["worker_dies"]
+    assert worker["rc"] == 2 and "a writer worker failed" in worker["log"], _show(worker)
+    assert "exited with code -9" in worker["log"] and "Nothing was written to --out" in worker["log"], _show(worker)
+    writer = res["writer_dies"]
+    assert writer["rc"] == 2 and "the writer failed (exit code -9)" in writer["log"], _show(writer)
+    for r in (worker, writer):
+        assert r["files"] == [], _show(r)  # no partial file
+        # and no process left: what outlived the command (a dead writer's workers) was killed by it, not left
+        assert all(code == -signal.SIGKILL for _, code in r["left_behind"]), _show(r)
+        _clean(r)
+
+
+@pytest.mark.slow
+def test_full_disk_while_writing_ends_the_writer_with_the_space_it_needed(writer_lab: dict) -> None:
+    res = writer_lab["results"]
+    full = res["disk_full"]
+    assert full["rc"] == 2, _show(full)
+    assert f"the disk holding {writer_lab['disk']} is full" in full["log"], _show(full)
+    assert "it needs between 8.0 MiB and" in full["log"] and "nothing was written to --out" in full["log"], _show(full)
+    assert full["files"] == [] and all(code == -signal.SIGKILL for _, code in full["left_behind"]), _show(full)
+    _clean(full)
+    # the lower bound is checked before anything starts: no writer process, no shared memory
+    upfront = res["no_room_up_front"]
+    assert upfront["rc"] == 2 and "free, and the .beton needs at least 8.0 MiB" in upfront["log"], _show(upfront)
+    assert upfront["files"] == ["filler"] and not writer_lab["upfront"]["new_shm"], _show(upfront)
+
+
+@pytest.mark.slow
+def test_partials_of_killed_writers_are_removed_and_a_live_writers_named(writer_lab: dict) -> None:
+    res = writer_lab["results"]
+    stale = res["stale_partials"]
+    assert stale["rc"] == 0 and stale["files"] == ["train.beton", "train.json"], _show(stale)
+    assert stale["log"].count("left by an interrupted writer") == 2, _show(stale)
+    live = res["partial_of_a_live_writer"]
+    assert live["rc"] == 2 and "belongs to a writer that is still running" in live["log"], _show(live)
+    assert len(live["files"]) == 1 and live["files"][0].startswith(".train.beton.partial-"), _show(live)
+
+
+@pytest.mark.slow
+def test_images_too_small_for_the_crops_are_refused_or_skipped(writer_lab: dict) -> None:
+    res = writer_lab["results"]
+    refused = res["tiny_images_refused"]
+    assert refused["rc"] == 2 and refused["files"] == [], _show(refused)
+    assert "n00000001_zdot.JPEG: a 1x1 image is too small for the loaders' crops" in refused["log"], _show(refused)
+    skipped = res["tiny_images_skipped"]
+    assert skipped["rc"] == 0, _show(skipped)
+    meta = writer_lab["tiny_meta"]
+    assert meta["num_images"] == 18 and {s["path"] for s in meta["skipped"]} == {
+        "n00000001/n00000001_zdot.JPEG", "n00000002/n00000002_zsliver.JPEG"}
+    sliver = next(s for s in meta["skipped"] if "sliver" in s["path"])
+    assert "a 10000x10 image (stored as 500x0 at --max-resolution 500)" in sliver["error"], meta["skipped"]
+
+
+# =============================================================================================================
+# Checkpointing and training: one fine-tuning run killed, signalled and resumed, stage after stage
+# =============================================================================================================
+# One child imports the trainer once (torch, timm: seconds) and forks a process per stage, each the whole
+# command line (segmentation.finetune.main) with one fault injected; it reports the exit and what the run
+# directory holds after it. 10 iterations, a checkpoint every 2 (and at a signal), 2 kept. The stages follow
+# each other in one run directory; every stage resumes where the previous one left it.
+_FINETUNE_LAB = textwrap.dedent("""
+    import json, os, pathlib, random, signal, subprocess, sys, traceback
+    from pathlib import Path
+
+    import torch
+    from engine import checkpoint as ckpt
+    from segmentation import finetune
+
+    cfg = json.loads(sys.argv[1])
+    rng = random.Random(cfg["seed"])
+    WORK = Path(cfg["work"])
+    COMMON = ["--config", cfg["config"], f"data.root={cfg['devkit']}", "train.iterations=10", "eval.every=0",
+              "run.checkpoint_every=2", "run.check_every_steps=1", "data.global_batch=2", "data.crop_size=32"]
+
+    def die():
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    def tensor_bytes(obj):
+        if isinstance(obj, torch.Tensor):
+            return obj.numel() * obj.element_size()
+        if isinstance(obj, dict):
+            return sum(tensor_bytes(v) for v in obj.values())
+        if isinstance(obj, (list, tuple)):
+            return sum(tensor_bytes(v) for v in obj)
+        return 0
+
+    class DieAfter:  # the file torch.save writes to, killing the process once ``left`` bytes went through
+        def __init__(self, f, left):
+            self.f, self.left = f, left
+        def write(self, b):
+            if len(b) >= self.left:
+                self.f.write(bytes(b)[:self.left]); self.f.flush(); os.fsync(self.f.fileno())
+                die()
+            self.left -= len(b)
+            return self.f.write(b)
+        def flush(self):
+            self.f.flush()
+
+    # --- injections: each returns what to do in the forked process before the command runs -------------------
+    def kill_in_torch_save(kind, at_step, share):
+        def inject():
+            save = torch.save
+            def save_or_die(obj, f, *a, **k):
+                mine = (kind == "checkpoint" and "optimizer" in obj and obj["step"] >= at_step) or \\
+                       (kind == "final" and "state_dict" in obj)
+                return save(obj, DieAfter(f, max(1, int(share * tensor_bytes(obj)))) if mine else f, *a, **k)
+            torch.save = save_or_die
+        return inject
+
+    def kill_before_replace(at_step):
+        def inject():
+            replace = os.replace
+            def replace_or_die(src, dst):
+                m = ckpt.CHECKPOINT_RE.match(Path(dst).name)
+                if m and int(m.group(1)) >= at_step:
+                    die()  # the temporary file is complete and synced; the checkpoint is not there yet
+                return replace(src, dst)
+            os.replace = replace_or_die
+        return inject
+
+    def kill_in_rotation():
+        unlink = pathlib.Path.unlink
+        def unlink_or_die(self, *a, **k):
+            if ckpt.CHECKPOINT_RE.match(self.name):
+                die()  # the new checkpoint is in place, the oldest not yet removed
+            return unlink(self, *a, **k)
+        pathlib.Path.unlink = unlink_or_die
+
+    def in_step(at_step, action):
+        def inject():
+            train_step = finetune.Finetuner.train_step
+            def patched(self, micro_batches, lr):
+                if self.loop.step + 1 == at_step:
+                    action(self)
+                return train_step(self, micro_batches, lr)
+            finetune.Finetuner.train_step = patched
+        return inject
+
+    def signals(*sigs):
+        def send(trainer):
+            for sig in sigs:  # as a user or SLURM would, in the middle of a step
+                os.kill(os.getpid(), sig)
+        return send
+
+    def die_before_update(trainer):
+        trainer.optimizer.step = die  # after the forward and backward passes of the step, before the update
+
+    def in_fake_slurm_job():
+        os.environ["SLURM_JOB_ID"] = "4242"
+        os.environ["PATH"] = f"{WORK / 'bin'}:{os.environ['PATH']}"  # a scontrol that accepts the requeue
+
+    (WORK / "bin").mkdir(exist_ok=True)
+    (WORK / "bin" / "scontrol").write_text(f"#!/bin/sh\\necho \\"$@\\" >> {WORK / 'scontrol.log'}\\n")
+    (WORK / "bin" / "scontrol").chmod(0o755)
+
+    s1 = rng.choice([2, 4])  # the first checkpoint to die in
+    points = {"checkpoint_killed_in_torch_save": s1, "share_written": round(rng.uniform(0.05, 0.95), 3),
+              "sigterm_in_step": s1 + 1, "sigusr1_in_step": s1 + 3, "sigint_in_step": s1 + 4,
+              "killed_in_step": s1 + 5 + rng.randint(0, 1), "final_share_written": round(rng.uniform(0.05, 0.95), 3)}
+    print("POINTS", json.dumps(points), flush=True)
+
+    def snapshot(run_dir):
+        out = {"files": sorted(p.name for p in run_dir.iterdir()) if run_dir.exists() else [], "checkpoints": {}}
+        for p in ckpt.list_checkpoints(run_dir):
+            try:
+                state = torch.load(p, map_location="cpu", weights_only=False)
+                out["checkpoints"][p.name] = {"step": state["step"],
+                                              "nonfinite": ckpt.nonfinite_tensors(state["model"])}
+            except Exception as e:
+                out["checkpoints"][p.name] = {"error": f"{type(e).__name__}: {e}"}
+        final = run_dir / "final.pth"
+        if final.exists():
+            try:
+                out["final"] = {"nonfinite": ckpt.nonfinite_tensors(torch.load(final, weights_only=True)["state_dict"])}
+            except Exception as e:
+                out["final"] = {"error": f"{type(e).__name__}: {e}"}
+        return out
+
+    def stage(name, run_dir, *injections):
+        log = WORK / f"{name}.log"
+        sys.stdout.flush(); sys.stderr.flush()
+        pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+                os.dup2(fd, 1); os.dup2(fd, 2)
+                for inject in injections:
+                    inject()
+                code = finetune.main(COMMON + [f"run.dir={run_dir}"])
+            except KeyboardInterrupt:  # as the interpreter ends on an uncaught Ctrl-C: traceback, then SIGINT
+                traceback.print_exc()
+                sys.stdout.flush(); sys.stderr.flush()
+                signal.signal(signal.SIGINT, signal.SIG_DFL)
+                os.kill(os.getpid(), signal.SIGINT)
+            except BaseException:
+                traceback.print_exc()
+            finally:
+                sys.stdout.flush(); sys.stderr.flush()
+                os._exit(code if isinstance(code, int) else 1)
+        _, status = os.waitpid(pid, 0)
+        result = {"name": name, "rc": os.waitstatus_to_exitcode(status), "log": log.read_text()[-5000:],
+                  **snapshot(run_dir)}
+        print("RESULT", json.dumps(result), flush=True)
+
+    STRAIGHT, RUN = WORK / "straight", WORK / "run"
+    stage("straight", STRAIGHT)
+    stage("kill_in_torch_save", RUN, kill_in_torch_save("checkpoint", s1, points["share_written"]))
+    stage("kill_before_replace", RUN, kill_before_replace(s1))
+    stage("sigterm", RUN, in_step(points["sigterm_in_step"], signals(signal.SIGTERM)))
+    stage("kill_in_rotation", RUN, kill_in_rotation)
+    stage("sigusr1_in_slurm", RUN, in_fake_slurm_job, in_step(points["sigusr1_in_step"], signals(signal.SIGUSR1)))
+    stage("sigint_twice", RUN, in_step(points["sigint_in_step"], signals(signal.SIGINT, signal.SIGINT)))
+    stage("sigint", RUN, in_step(points["sigint_in_step"], signals(signal.SIGINT)))
+    stage("kill_in_training", RUN, in_step(points["killed_in_step"], die_before_update))
+    stage("kill_in_final_save", RUN, kill_in_torch_save("final", 0, points["final_share_written"]))
+    stage("finish", RUN)
+    if cfg["disk"]:  # a run directory on a 110 MiB disk: the third checkpoint (41 MiB each, 2 kept) does not fit
+        disk = Path(cfg["disk"])
+        stage("disk_full", disk / "run")
+        subprocess.run(["mount", "-o", "remount,size=240m", str(disk)], check=True)  # space freed
+        stage("disk_full_resumed", disk / "run")
+""")
+
+
+@pytest.fixture(scope="module")
+def seg_disk(tmp_path_factory: pytest.TempPathFactory):
+    """A 110 MiB tmpfs for a fine-tuning run directory (None without root)."""
+    if not IS_ROOT:
+        yield None
+        return
+    yield from _tmpfs(tmp_path_factory.mktemp("seg_disk"), "110m")
+
+
+@pytest.fixture(scope="module")
+def finetune_lab(tmp_path_factory: pytest.TempPathFactory, seg_disk: Path | None) -> dict:
+    from seg_fixtures import make_voc
+
+    base = tmp_path_factory.mktemp("finetune_lab")
+    config = {"config": str(ROOT / "configs/segmentation/tiny_cpu.yaml"), "work": str(base), "seed": SEED,
+              "devkit": str(make_voc(base / "voc", n_train=6, n_val=3)), "disk": str(seg_disk or "")}
+    done = run_watched([PYTHON, "-c", _FINETUNE_LAB, json.dumps(config)], env=_children_env())
+    results = _lab_results(done.stdout)
+    assert done.returncode == 0 and "finish" in results, \
+        f"the fine-tuning lab failed (exit {done.returncode}):\n{done.stdout[-4000:]}\n{done.stderr[-8000:]}"
+    return {"results": results, "points": _lab_line(done.stdout, "POINTS"), "base": base, "disk": seg_disk}
+
+
+def _steps(r: dict) -> list[int]:
+    return sorted(c["step"] for c in r["checkpoints"].values())
+
+
+def _whole_and_finite(r: dict) -> None:
+    """Every checkpoint left loads and is finite; a final.pth is whole and finite."""
+    for name, c in r["checkpoints"].items():
+        assert "error" not in c and c["nonfinite"] == [], f"{name}: {_show(r)}"
+    assert "error" not in r.get("final", {}) and r.get("final", {}).get("nonfinite", []) == [], _show(r)
+
+
+@pytest.mark.slow
+def test_kills_while_checkpointing_leave_whole_finite_checkpoints_and_no_temporaries(finetune_lab: dict) -> None:
+    res, points = finetune_lab["results"], finetune_lab["points"]
+    s1 = points["checkpoint_killed_in_torch_save"]
+    earlier = list(range(2, s1, 2))  # the checkpoints before the one the kill hit
+    for name in ("kill_in_torch_save", "kill_before_replace"):
+        r = res[name]
+        assert r["rc"] == -signal.SIGKILL, f"{name} at {points}: {_show(r)}"
+        _whole_and_finite(r)
+        assert _steps(r) == earlier and "final.pth" not in r["files"], _show(r)
+        (tmp,) = [f for f in r["files"] if f.startswith(f".checkpoint_{s1:09d}.pt.") and f.endswith(".tmp")]
+        following = res["kill_before_replace" if name == "kill_in_torch_save" else "sigterm"]
+        assert tmp not in following["files"], _show(following)  # removed at the next start
+        assert "removed 1 temporary file(s) left by an interrupted write" in following["log"], _show(following)
+    # killed after the new checkpoint is in place, before the oldest is removed: one more than kept, all whole
+    rotation = res["kill_in_rotation"]
+    assert rotation["rc"] == -signal.SIGKILL, _show(rotation)
+    _whole_and_finite(rotation)
+    assert _steps(rotation) == [s1, s1 + 1, s1 + 2], _show(rotation)
+
+
+@pytest.mark.slow
+def test_signals_outside_slurm_checkpoint_and_say_how_to_resume(finetune_lab: dict) -> None:
+    res, points = finetune_lab["results"], finetune_lab["points"]
+    run_dir = finetune_lab["base"] / "run"
+    resume = f"a checkpoint is in {run_dir}; start the same command again to resume"
+    term = res["sigterm"]  # SIGTERM at a terminal or from `kill`: checkpoint, exit 128 + 15, and say so
+    assert term["rc"] == 143 and f"stopped by SIGTERM: {resume}" in term["log"], _show(term)
+    assert points["sigterm_in_step"] in _steps(term) and "final.pth" not in term["files"], _show(term)
+    once = res["sigint"]  # Ctrl-C: checkpoint at the next step, exit 130
+    assert once["rc"] == 130 and f"stopped by SIGINT: {resume}" in once["log"], _show(once)
+    assert "press Ctrl-C again to stop at once" in once["log"], _show(once)
+    assert max(_steps(once)) == points["sigint_in_step"], _show(once)
+    twice = res["sigint_twice"]  # Ctrl-C twice: stop at once, no new checkpoint
+    assert twice["rc"] == 130 and "interrupted at once: no new checkpoint" in twice["log"], _show(twice)
+    assert "Traceback" not in twice["log"] and max(_steps(twice)) < points["sigint_in_step"], _show(twice)
+    # inside a SLURM job the job is requeued: exit 0, SLURM starts it again
+    slurm = res["sigusr1_in_slurm"]
+    assert slurm["rc"] == 0 and "requeue 4242" in (finetune_lab["base"] / "scontrol.log").read_text(), _show(slurm)
+    assert "start the same command again" not in slurm["log"], _show(slurm)
+    assert max(_steps(slurm)) == points["sigusr1_in_step"] and "final.pth" not in slurm["files"], _show(slurm)
+    for r in (term, once, twice, slurm):
+        _whole_and_finite(r)
+
+
+@pytest.mark.slow
+def test_run_killed_and_signalled_throughout_ends_with_the_uninterrupted_weights(finetune_lab: dict) -> None:
+    res, points = finetune_lab["results"], finetune_lab["points"]
+    killed = res["kill_in_training"]
+    assert killed["rc"] == -signal.SIGKILL and points["killed_in_step"] not in _steps(killed), _show(killed)
+    final_killed = res["kill_in_final_save"]  # killed while writing final.pth: no final.pth, the last checkpoint
+    assert final_killed["rc"] == -signal.SIGKILL and "final.pth" not in final_killed["files"], _show(final_killed)
+    assert max(_steps(final_killed)) == 10 and any(f.startswith(".final.pth.") for f in final_killed["files"])
+    finish = res["finish"]
+    assert finish["rc"] == 0 and "final.pth" in finish["files"], _show(finish)
+    assert not any(f.endswith(".tmp") for f in finish["files"]), _show(finish)
+    for r in res.values():
+        _whole_and_finite(r)
+    straight = torch.load(finetune_lab["base"] / "straight/final.pth", weights_only=True)
+    resumed = torch.load(finetune_lab["base"] / "run/final.pth", weights_only=True)
+    different = [k for k in straight["state_dict"] if not torch.equal(straight["state_dict"][k],
+                                                                       resumed["state_dict"][k])]
+    assert different == [], f"the resumed run differs in {different[:5]} (fault points {points})"
+    assert straight["val"]["miou"] == resumed["val"]["miou"] and resumed["iterations"] == 10
+
+
+def _same_weights(a: Path, b: Path) -> list[str]:
+    sa, sb = (torch.load(p, weights_only=True)["state_dict"] for p in (a, b))
+    return [k for k in sa if not torch.equal(sa[k], sb[k])]
+
+
+@pytest.mark.slow
+def test_full_disk_while_checkpointing_stops_with_the_sizes_and_resumes(finetune_lab: dict) -> None:
+    if finetune_lab["disk"] is None:
+        pytest.skip("mounting a tmpfs needs root")
+    res, disk = finetune_lab["results"], finetune_lab["disk"]
+    full = res["disk_full"]
+    assert full["rc"] == 2, _show(full)
+    assert f"error: disk full while writing {disk}/run/checkpoint_000000006.pt: it needs about 41 MiB and " \
+           f"{disk}/run has" in full["log"], _show(full)
+    assert "the previous checkpoint is intact" in full["log"] and "Traceback" not in full["log"], _show(full)
+    assert _steps(full) == [2, 4] and not any(f.endswith(".tmp") for f in full["files"]), _show(full)
+    _whole_and_finite(full)
+    resumed = res["disk_full_resumed"]
+    assert resumed["rc"] == 0 and "resumed from checkpoint" in resumed["log"], _show(resumed)
+    assert _same_weights(finetune_lab["base"] / "straight/final.pth", disk / "run/final.pth") == []
+
+
+# =============================================================================================================
+# Two ranks: a diverged rank or a full disk stops them all (none waits forever in a collective)
+# =============================================================================================================
+_TWO_RANKS = textwrap.dedent("""
+    import json, logging, sys
+    from pathlib import Path
+
+    import torch
+    from engine import distributed as distrib
+    from engine.logs import MetricsWriter
+    from engine.loop import TrainLoop
+    from engine.preemption import PreemptionFlag
+
+    run_dir, disk = Path(sys.argv[1]), Path(sys.argv[2])
+    env = distrib.detect_env()
+    cpu = torch.device("cpu")
+    distrib.init(env, cpu)
+    torch.manual_seed(0)
+    model = torch.nn.Linear(1024, 1024)  # 4 MiB of weights
+
+    def loop_in(directory):
+        return TrainLoop(env=env, device=cpu, preempt=PreemptionFlag(), logger=logging.getLogger("two_ranks"),
+                         metrics=MetricsWriter(directory / "metrics.jsonl", enabled=False), models=[model],
+                         checkpoint_state=lambda rng: {"model": model.state_dict(), "rng": rng}, run_dir=directory,
+                         keep_checkpoints=5)
+
+    results = {}
+
+    def attempt(name, loop, step):
+        loop.step = step
+        try:
+            results[name] = {"saved": str(loop.save())}
+        except Exception as e:
+            results[name] = {"error": type(e).__name__, "message": str(e)}
+
+    loop = loop_in(run_dir)
+    attempt("good", loop, 1)
+    for bad_rank in (1, 0):  # NaN in one rank's weights only
+        with torch.no_grad():
+            kept = model.weight[0, 0].item()
+            if env.rank == bad_rank:
+                model.weight[0, 0] = float("nan")
+            attempt(f"nan_on_rank{bad_rank}", loop, 2 + bad_rank)
+            model.weight[0, 0] = kept
+    full = loop_in(disk)
+    attempt("fits", full, 1)
+    if env.is_main:
+        (disk / "filler").write_bytes(b"\\0" * (6 << 20))  # leaves about 2 MiB of the 12
+    distrib.barrier()
+    attempt("disk_full", full, 2)
+    print("RESULT", json.dumps(results), flush=True)
+    distrib.teardown()
+""")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_diverged_rank_or_full_disk_stops_every_rank(small_tmpfs: Path, tmp_path: Path) -> None:
+    disk = small_tmpfs / "two_ranks"
+    disk.mkdir()
+    env = _children_env(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), WORLD_SIZE="2")
+    ranks = [Watched([PYTHON, "-c", _TWO_RANKS, str(tmp_path), str(disk)], env={**env, "RANK": str(r),
+                                                                                "LOCAL_RANK": str(r)})
+             for r in range(2)]
+    try:
+        done = [ranks[0].wait(others=ranks[1:]), ranks[1].wait(others=ranks[:1])]
+    finally:
+        for r in ranks:
+            r.kill()
+        shutil.rmtree(disk, ignore_errors=True)
+    for rank, d in enumerate(done):
+        assert d.returncode == 0, f"rank {rank}:\n{d.stdout[-3000:]}\n{d.stderr[-5000:]}"
+    results = [json.loads(d.stdout.split("RESULT ")[-1]) for d in done]
+    assert results[0]["good"]["saved"].endswith("checkpoint_000000001.pt"), results
+    for case in ("nan_on_rank1", "nan_on_rank0"):  # both ranks stop, naming the checked checkpoint
+        for rank, r in enumerate(results):
+            assert r[case]["error"] == "NonFiniteLossError", (case, rank, r[case])
+            assert "the weights hold NaN/inf" in r[case]["message"], (case, rank, r[case])
+            assert "Last good checkpoint: " + str(tmp_path / "checkpoint_000000001.pt") in r[case]["message"]
+    assert sorted(p.name for p in tmp_path.glob("checkpoint_*")) == ["checkpoint_000000001.pt"]
+    assert results[0]["disk_full"]["error"] == results[1]["disk_full"]["error"] == "CheckpointError", results
+    assert f"disk full while writing {disk}/checkpoint_000000002.pt: it needs about 4 MiB" in \
+        results[0]["disk_full"]["message"], results[0]
+    assert "rank 0 could not write the checkpoint" in results[1]["disk_full"]["message"], results[1]
+
+
+def test_checkpoints_and_weights_follow_the_umask(tmp_path: Path) -> None:
+    from engine import checkpoint as ckpt
+
+    old = os.umask(0o027)
+    try:
+        path = ckpt.save_checkpoint({"model": {"w": torch.zeros(2)}}, tmp_path, 1)
+        weights = ckpt.save_atomic({"state_dict": {"w": torch.zeros(2)}}, tmp_path / "final.pth")
+    finally:
+        os.umask(old)
+    assert oct(path.stat().st_mode & 0o777) == oct(weights.stat().st_mode & 0o777) == oct(0o640)
+
+
+def test_non_finite_weights_are_never_written_nor_rotate_a_finite_checkpoint_away(tmp_path: Path) -> None:
+    from engine import checkpoint as ckpt
+
+    for step in (1, 2):
+        ckpt.save_checkpoint({"model": {"w": torch.ones(2)}}, tmp_path, step, keep=2)
+    with pytest.raises(ckpt.NonFiniteWeightsError, match=r"checkpoint_000000003\.pt not written: 1 weight tensor"):
+        ckpt.save_checkpoint({"model": {"w": torch.tensor([1.0, float("inf")])}}, tmp_path, 3, keep=2)
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["checkpoint_000000001.pt", "checkpoint_000000002.pt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint_000000001.pt", "checkpoint_000000002.pt"]
+
+
+def test_corrupt_latest_checkpoint_is_an_error_naming_it(tmp_path: Path) -> None:
+    from engine import checkpoint as ckpt
+
+    path = ckpt.save_checkpoint({"model": {"w": torch.ones(2)}, "step": 1}, tmp_path, 1)
+    path.write_bytes(path.read_bytes()[:100])  # cut short, as by a full disk before save_atomic existed
+    with pytest.raises(ckpt.CheckpointError, match=r"cannot read checkpoint .*checkpoint_000000001\.pt .*delete it"):
+        ckpt.peek_checkpoint(path)
+
+
+# =============================================================================================================
+# Pretraining (ffcv loaders): killed in the middle of an epoch, resumed
+# =============================================================================================================
+_KILLED_PRETRAINING = textwrap.dedent("""
+    import os, signal, sys
+    from backbone import train
+
+    at_step = int(sys.argv[1])
+    train_step = train.Trainer.train_step
+
+    def train_step_or_die(self, micro_batches, lr):
+        if self.loop.step + 1 == at_step:  # after the forward and backward passes, before the update
+            self.optimizer.step = lambda *a, **k: os.kill(os.getpid(), signal.SIGKILL)
+        return train_step(self, micro_batches, lr)
+
+    train.Trainer.train_step = train_step_or_die
+    sys.exit(train.main(sys.argv[2:]))
+""")
+
+
+@pytest.mark.slow
+def test_pretraining_killed_mid_epoch_resumes_to_the_uninterrupted_weights(
+        pretrain_betons: dict[str, Path], pretrain_straight: Path, tmp_path: Path) -> None:
+    from backbone.train import PretrainConfig, run
+    from engine import checkpoint as ckpt
+    from engine.config import load_config
+
+    at_step = random.Random(SEED).randint(10, 16)  # in the second epoch (8 steps each)
+    overrides = [f"data.train={pretrain_betons['train']}", f"data.val={pretrain_betons['val']}",
+                 f"run.dir={tmp_path / 'run'}", "train.epochs=2"]
+    killed = run_watched([PYTHON, "-c", _KILLED_PRETRAINING, str(at_step), "--config",
+                          str(ROOT / "configs/pretrain/tiny_cpu.yaml"), *overrides], env=_children_env())
+    assert killed.returncode == -signal.SIGKILL, f"step {at_step}: {killed.stderr[-5000:]}"
+    (saved,) = ckpt.list_checkpoints(tmp_path / "run")  # the end of the first epoch, whole and finite
+    state = torch.load(saved, weights_only=False)
+    assert state["step"] == 8 and ckpt.nonfinite_tensors(state["model"]) == []
+    assert not (tmp_path / "run/final.pth").exists()
+    cfg = load_config(PretrainConfig, ROOT / "configs/pretrain/tiny_cpu.yaml", overrides)
+    assert run(cfg) == "finished"
+    a = torch.load(pretrain_straight / "final.pth", weights_only=True)["state_dict"]
+    b = torch.load(tmp_path / "run/final.pth", weights_only=True)["state_dict"]
+    different = [k for k in a if not torch.equal(a[k], b[k])]
+    assert different == [], f"killed at step {at_step}, the resumed run differs in {different[:5]}"
