@@ -150,8 +150,9 @@ def dense_crf(image: np.ndarray, probs: np.ndarray, params: CRFParams = CRFParam
     crf.setUnaryEnergy(np.ascontiguousarray(unary))
     # Potts compatibilities with DeepLab's kernel weights; symmetric normalisation is the library's default.
     crf.addPairwiseGaussian(sxy=params.pos_xy_std, compat=params.pos_w)
-    crf.addPairwiseBilateral(sxy=params.bi_xy_std, srgb=params.bi_rgb_std, rgbim=np.ascontiguousarray(image),
-                             compat=params.bi_w)
+    # pydensecrf takes the image as a writable C-contiguous buffer: PIL's arrays (np.asarray) are read-only
+    guide = np.require(image, requirements=["C_CONTIGUOUS", "WRITEABLE"])
+    crf.addPairwiseBilateral(sxy=params.bi_xy_std, srgb=params.bi_rgb_std, rgbim=guide, compat=params.bi_w)
     return np.asarray(crf.inference(params.iters), dtype=np.float32).reshape(c, h, w)
 
 
@@ -161,11 +162,13 @@ def crf_labels(image: np.ndarray, probs: np.ndarray, params: CRFParams = CRFPara
     return labels.astype(np.uint8 if probs.shape[0] <= 256 else np.int64)
 
 
-def _crf_job(image: np.ndarray, probs: np.ndarray, grid: Sequence[CRFParams]) -> tuple[list[np.ndarray], float]:
-    """One image under every setting of ``grid``: the label maps and the seconds per setting (in the worker)."""
-    start = time.perf_counter()
+def _crf_job(image: np.ndarray, probs: np.ndarray,
+             grid: Sequence[CRFParams]) -> tuple[list[np.ndarray], tuple[float, float]]:
+    """One image under every setting of ``grid``: the label maps, and the wall-clock and CPU seconds per
+    setting in the worker (CPU time too: on a shared machine the wall clock measures the neighbours)."""
+    wall, cpu = time.perf_counter(), time.process_time()
     labels = [crf_labels(image, probs, p) for p in grid]
-    return labels, (time.perf_counter() - start) / len(grid)
+    return labels, ((time.perf_counter() - wall) / len(grid), (time.process_time() - cpu) / len(grid))
 
 
 def _worker_init() -> None:
@@ -184,8 +187,9 @@ def default_workers(processes_per_node: int = 1) -> int:
 class CRFPool:
     """Runs the CRF over images in worker processes while the caller computes the next images' probabilities.
 
-    ``map(items)`` takes ``(key, image, probs)`` and yields ``(key, label maps, seconds per setting)`` in the
-    order given, at most ``2 x workers`` images in flight (a Cityscapes frame's probabilities are 160 MB).
+    ``map(items)`` takes ``(key, image, probs)`` and yields ``(key, label maps, (wall, CPU) seconds per
+    setting)`` in the order given, at most ``2 x workers`` images in flight (a Cityscapes frame's
+    probabilities are 160 MB).
     Workers come from a fork server (spawn where there is none), not from a fork of this process: a
     fork of a process running torch's thread pools and loader workers may deadlock, and the workers need
     only numpy and pydensecrf. ``workers=0`` runs in this process.
@@ -209,7 +213,8 @@ class CRFPool:
             self.executor = None
 
     def map(self, items: Iterable[tuple[K, np.ndarray, np.ndarray]],
-            on_submit: Callable[[K], None] | None = None) -> Iterator[tuple[K, list[np.ndarray], float]]:
+            on_submit: Callable[[K], None] | None = None,
+            ) -> Iterator[tuple[K, list[np.ndarray], tuple[float, float]]]:
         if self.executor is None:
             for key, image, probs in items:
                 if on_submit is not None:

@@ -201,7 +201,8 @@ def evaluate_dataset(model: nn.Module, dataset: SegmentationDataset, device: tor
 
     With ``crf``, every prediction is the dense CRF's on the class probabilities (``crf_workers``
     processes, default: this rank's share of the CPUs; 0: in this process), and ``scores`` add
-    ``crf_seconds_per_image`` (mean time of one image's CRF inside a worker) and ``crf_workers``."""
+    ``crf_seconds_per_image`` and ``crf_cpu_seconds_per_image`` (one image's CRF inside a worker, mean
+    wall-clock and CPU time) and ``crf_workers``."""
     env = env or distrib.DistEnv()
     was_training = model.training
     model.eval()
@@ -245,6 +246,7 @@ def evaluate_dataset(model: nn.Module, dataset: SegmentationDataset, device: tor
     scores["images"] = n
     if crf is not None:
         scores.update(crf_seconds_per_image=crf_stats["seconds"] / max(1, crf_stats["images"]),
+                      crf_cpu_seconds_per_image=crf_stats["cpu_seconds"] / max(1, crf_stats["images"]),
                       crf_workers=crf_workers)
     if per_image:
         scores["per_image"] = _gather_per_image(counts, dataset, env)
@@ -297,8 +299,8 @@ def _crf_outputs(model: nn.Module, loader: Iterable[Any], total: int, device: to
     """``(index, label, network's prediction, the CRF's prediction under each setting of grid)`` per image.
 
     The network runs here, image after image; each image's probabilities go to the CRF workers at once,
-    so the CRF of one image overlaps the network pass of the next. ``stats`` accumulates ``seconds``
-    (the CRF's, per setting, measured in the workers) and ``images``.
+    so the CRF of one image overlaps the network pass of the next. ``stats`` accumulates ``seconds`` and
+    ``cpu_seconds`` (the CRF's, per setting, wall-clock and CPU, measured in the workers) and ``images``.
     """
     pending: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
     progress = Progress(None, total, "evaluate+crf", enabled=env.is_main, every_s=progress_every_s, logger=log)
@@ -317,11 +319,13 @@ def _crf_outputs(model: nn.Module, loader: Iterable[Any], total: int, device: to
         progress.update(network=f"{submitted}/{total}")
 
     stats.setdefault("seconds", 0.0)
+    stats.setdefault("cpu_seconds", 0.0)
     stats.setdefault("images", 0)
     try:
         with CRFPool(grid, workers) as pool:
-            for i, crf_preds, seconds in pool.map(probabilities(), on_submit=shown):
+            for i, crf_preds, (seconds, cpu_seconds) in pool.map(probabilities(), on_submit=shown):
                 stats["seconds"] += seconds
+                stats["cpu_seconds"] += cpu_seconds
                 stats["images"] += 1
                 label, net = pending.pop(i)
                 progress.advance()
@@ -372,7 +376,8 @@ def crf_search(model: nn.Module, dataset: SegmentationDataset, device: torch.dev
     rows = [{**params.to_json(), **summary(m)} for params, m in zip(grid, per_setting, strict=True)]
     best = max(range(len(rows)), key=lambda k: rows[k]["miou"])  # the first of equals, in grid order
     return {"images": n, "no_crf": no_crf, "rows": rows, "best": grid[best].to_json(),
-            "crf_seconds_per_image": stats["seconds"] / max(1, stats["images"]), "crf_workers": workers}
+            "crf_seconds_per_image": stats["seconds"] / max(1, stats["images"]),
+            "crf_cpu_seconds_per_image": stats["cpu_seconds"] / max(1, stats["images"]), "crf_workers": workers}
 
 
 def format_crf_search(result: dict[str, Any]) -> str:
@@ -395,7 +400,7 @@ def format_crf_search(result: dict[str, Any]) -> str:
     best_row = next(r for r in result["rows"] if all(r[k] == v for k, v in best.items()))
     lines += ["", f"best: {CRFParams(**best).cli()}  (mIoU {100 * best_row['miou']:.2f}% vs "
                   f"{100 * base['miou']:.2f}% without CRF; CRF {1000 * result['crf_seconds_per_image']:.1f} ms "
-                  "per image and setting)"]
+                  f"per image and setting, {1000 * result['crf_cpu_seconds_per_image']:.1f} ms of CPU)"]
     return "\n".join(lines)
 
 
