@@ -11,7 +11,7 @@ SYS_PKGS := pkg-config libopencv-dev libturbojpeg0-dev slurmctld slurmd slurm-cl
 SUDO    := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 PYTEST_ARGS ?=
 
-.PHONY: setup system-packages demo slurm-up slurm-down test lint bench clean
+.PHONY: setup system-packages demo slurm-up slurm-down slurm-2node-up slurm-2node-down test lint bench clean gpu-check
 
 setup: $(STAMP)
 
@@ -44,6 +44,14 @@ slurm-up:
 slurm-down:
 	$(SUDO) bash slurm/local/stop.sh
 
+# Two nodes, n1 and n2, on this machine (its own config and ports; runs beside the single-node one).
+# Clients: source /tmp/lkm-slurm-2node/env.sh
+slurm-2node-up:
+	$(SUDO) bash slurm/local/start_2node.sh
+
+slurm-2node-down:
+	$(SUDO) bash slurm/local/stop_2node.sh
+
 test: setup
 	$(VPY) -m ruff check .
 	$(VPY) -m pytest $(PYTEST_ARGS)
@@ -56,3 +64,7 @@ bench: setup
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info
+
+# Every CUDA path on a single-GPU machine, in a few minutes (exits 2 where there is no GPU).
+gpu-check: setup
+	$(VPY) -m experiments.gpu_check

@@ -77,25 +77,35 @@ class TorchNormalize(Operation):
         )
 
 
-def _gpu_normalize() -> Operation:
+def ffcv_gpu_normalize_available() -> bool:
+    """ffcv's GPU NormalizeImage imports cupy (its kernel) and pytorch_pfn_extras (its stream): both or neither."""
     try:
-        import cupy  # noqa: F401  (ffcv's GPU NormalizeImage compiles a cupy kernel)
+        import cupy  # noqa: F401
+        import pytorch_pfn_extras  # noqa: F401
     except ImportError:
-        return TorchNormalize(IMAGENET_MEAN, IMAGENET_STD, torch.float16)
-    return NormalizeImage(IMAGENET_MEAN, IMAGENET_STD, np.float16)
+        return False
+    return True
 
 
-def image_pipeline(decoder: Operation, device: torch.device, *, flip: bool) -> list[Operation]:
+def _gpu_normalize(dtype: torch.dtype) -> Operation:
+    if not ffcv_gpu_normalize_available():
+        return TorchNormalize(IMAGENET_MEAN, IMAGENET_STD, dtype)
+    return NormalizeImage(IMAGENET_MEAN, IMAGENET_STD, np.dtype(str(dtype).removeprefix("torch.")))
+
+
+def image_pipeline(decoder: Operation, device: torch.device, *, flip: bool,
+                   dtype: torch.dtype = torch.float16) -> list[Operation]:
     """Decoder -> (flip) -> normalise -> NCHW channels_last tensor on ``device``.
 
     On CUDA this is ffcv-imagenet's order: uint8 crosses to the GPU (4x fewer bytes than float32)
     and is normalised there. On CPU, normalising after ``ToTensor`` makes the pipeline go compiled
     -> plain -> compiled, which ffcv 1.0.2 cannot schedule (``Loader()`` spins forever), so the
-    CPU pipeline normalises in numba first and needs no ``ToDevice`` copy.
+    CPU pipeline normalises in numba first and needs no ``ToDevice`` copy. ``dtype`` is the CUDA
+    batches' (float16 under mixed precision, float32 for an fp32 model); CPU batches are float32.
     """
     ops: list[Operation] = [decoder] + ([RandomHorizontalFlip()] if flip else [])
     if device.type == "cuda":
-        return ops + [ToTensor(), ToDevice(device, non_blocking=True), ToTorchImage(), _gpu_normalize()]
+        return ops + [ToTensor(), ToDevice(device, non_blocking=True), ToTorchImage(), _gpu_normalize(dtype)]
     return ops + [NormalizeImage(IMAGENET_MEAN, IMAGENET_STD, np.float32), ToTensor(), ToTorchImage()]
 
 
@@ -141,6 +151,7 @@ def make_train_loader(
     os_cache: bool = True,
     drop_last: bool = True,
     batches_ahead: int = 3,
+    dtype: torch.dtype = torch.float16,
 ) -> Loader:
     """Training loader: random resized crop to ``resolution``, random flip, normalise.
 
@@ -168,7 +179,7 @@ def make_train_loader(
         distributed=distributed,
         seed=seed,
         batches_ahead=batches_ahead,
-        pipelines={"image": image_pipeline(decoder, device, flip=True), "label": label_pipeline(device)},
+        pipelines={"image": image_pipeline(decoder, device, flip=True, dtype=dtype), "label": label_pipeline(device)},
     )
 
 
@@ -182,6 +193,7 @@ def make_val_loader(
     distributed: bool = False,
     ratio: float = DEFAULT_CROP_PCT,
     os_cache: bool = True,
+    dtype: torch.dtype = torch.float16,
 ) -> Loader:
     """Validation loader: centre crop of ``ratio`` x the short side, resized to ``resolution``.
 
@@ -201,7 +213,7 @@ def make_val_loader(
         os_cache=os_cache,
         drop_last=False,
         distributed=distributed,
-        pipelines={"image": image_pipeline(decoder, device, flip=False), "label": label_pipeline(device)},
+        pipelines={"image": image_pipeline(decoder, device, flip=False, dtype=dtype), "label": label_pipeline(device)},
     )
 
 

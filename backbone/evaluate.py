@@ -29,8 +29,8 @@ from engine import distributed as distrib
 from engine.loop import autocast
 from engine.provenance import code_version, file_sha256
 
-__all__ = ["Protocol", "PAPER", "ffcv_protocol", "topk_hits", "evaluate_classifier", "record_path", "write_record",
-           "main"]
+__all__ = ["Protocol", "PAPER", "ffcv_protocol", "tta_logits", "classification_totals", "evaluate_classifier",
+           "record_path", "write_record", "main"]
 
 
 @dataclass(frozen=True)
@@ -58,11 +58,20 @@ def ffcv_protocol(val_res: int) -> Protocol:
     return Protocol(val_res, DEFAULT_CROP_PCT, True)
 
 
-def topk_hits(logits: torch.Tensor, labels: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(top-1 hits, top-k hits) of a batch: how many labels are the arg max, and among the k largest."""
-    topk = logits.topk(min(k, logits.shape[1]), dim=1).indices
-    hits = topk == labels[:, None]
-    return hits[:, 0].sum(), hits.any(dim=1).sum()
+def tta_logits(model: nn.Module, images: torch.Tensor, flip: bool) -> torch.Tensor:
+    """fp32 logits of ``images``; with ``flip``, plus those of their mirror images (summed in fp32: a bf16
+    sum can reorder close logits)."""
+    logits = model(images).float()
+    if flip:
+        logits = logits + model(torch.flip(images, dims=[3])).float()
+    return logits
+
+
+def classification_totals(logits: torch.Tensor, labels: torch.Tensor, k: int) -> torch.Tensor:
+    """Sums over one batch: ``[top-1 hits, top-k hits, cross-entropy, images]`` (1-D float tensor)."""
+    hits = logits.topk(min(k, logits.shape[1]), dim=1).indices == labels[:, None]
+    return torch.stack([hits[:, 0].sum(), hits.any(dim=1).sum(), F.cross_entropy(logits, labels, reduction="sum"),
+                        torch.tensor(labels.numel(), device=labels.device)]).double()
 
 
 @torch.no_grad()
@@ -73,12 +82,8 @@ def evaluate_classifier(model: nn.Module, batches: Iterable[tuple[torch.Tensor, 
     totals = torch.zeros(4, device=device, dtype=torch.float64)  # top1, top5, loss sum, count
     for images, labels in batches:
         with autocast(device, amp_dtype):
-            logits = model(images).float()
-            if flip:  # summed in fp32: bf16 sums can reorder close logits
-                logits = logits + model(torch.flip(images, dims=[3])).float()
-        top1, top5 = topk_hits(logits, labels, 5)
-        totals += torch.stack([top1, top5, F.cross_entropy(logits, labels, reduction="sum"),
-                               torch.tensor(labels.numel(), device=device)]).to(totals)
+            logits = tta_logits(model, images, flip)
+        totals += classification_totals(logits, labels, 5).to(totals)
     distrib.all_reduce_sum(totals)
     top1, top5, loss, n = totals.tolist()
     n = max(n, 1)

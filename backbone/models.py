@@ -75,6 +75,8 @@ class ResNetGCN(ResNet):
     """
 
     def __init__(self, *args, anti_aliasing: str | None = AUTO, **kwargs) -> None:
+        if anti_aliasing == "none":  # timm.create_model drops None-valued arguments: "none" asks for none
+            anti_aliasing = None
         check_anti_aliasing(anti_aliasing, allow_auto=True)
         super().__init__(*args, **kwargs)
         self.anti_aliasing_request = anti_aliasing
@@ -175,7 +177,7 @@ def resnet50_gcn(
 
     ``gcn_merge='sum'`` sums the two branches (ablation); its branch widths default to the
     cost-matched ones. ``gcn_widths`` overrides the widths (None: Table 11 for concat).
-    ``anti_aliasing``: ``'blurpool'`` (the pretraining recipe, ``backbone.antialias``), None, or
+    ``anti_aliasing``: ``'blurpool'`` (the pretraining recipe, ``backbone.antialias``), ``'none'``, or
     ``'auto'`` (default: none, unless loaded weights were trained with it).
     """
     if gcn_widths is None:

@@ -32,20 +32,24 @@ from torch import nn
 from backbone.artifacts import FinalWeights, PretrainCheckpoint
 from backbone.evaluate import PAPER, evaluate_classifier, write_record
 from backbone.models import check_model_name, create_backbone
+from backbone.weights import WeightsMismatchError
 from engine import checkpoint as ckpt
 from engine import distributed as distrib
+from engine.complexity import TrainFlops
 from engine.config import (
     ConfigError,
     argument_parser,
     describe_keys,
     load_config,
+    require_file,
     to_dict,
 )
+from engine.curves import draw_curves
 from engine.logs import MetricsWriter
 from engine.loop import TrainLoop, autocast, backward_accumulated, grouped, split_batch
 from engine.preemption import PreemptionFlag
 from engine.provenance import file_sha256, read_run_record
-from engine.runner import NonFiniteLossError, RunDirState, RunStatus, inspect_run_dir, run_stage
+from engine.runner import NonFiniteLossError, RunDirState, RunStatus, inspect_run_dir, run_cli, run_stage
 
 log = logging.getLogger("backbone.train")
 
@@ -67,7 +71,7 @@ class DataConfig:
     global_batch: int = 4096  # images per optimiser step over all processes (the recipe's batch)
     max_batch_per_process: int = 0  # a process holding more accumulates gradients over micro-batches; 0: no limit
     val_batch_size: int = 256  # per process (evaluation only: no effect on results)
-    num_workers: int = 12  # ffcv decoding threads per process
+    num_workers: int = 12  # ffcv decoding threads per process (at least 1)
     in_memory: bool = True  # ffcv os_cache: keep the .beton in the page cache
 
 
@@ -139,6 +143,7 @@ class PretrainConfig:
         if not self.run.dir:
             self.run.dir = f"runs/pretrain/{self.model.name}"
         for key, value in (("data.global_batch", self.data.global_batch), ("train.epochs", self.train.epochs),
+                           ("data.num_workers", self.data.num_workers),
                            ("data.val_batch_size", self.data.val_batch_size),
                            ("optim.lr_batch_size", self.optim.lr_batch_size)):
             if value < 1:
@@ -224,7 +229,7 @@ class PretrainInputs:
 
 def check_inputs(cfg: PretrainConfig) -> PretrainInputs:
     """Validate inputs and the run directory; raise ConfigError/CheckpointError with a fix."""
-    from backbone.write_beton import meta_path, read_meta
+    from backbone.write_beton import check_beton, meta_path, read_meta
 
     check_model_name(cfg.model.name, "model", "model.name")
     metas = {}
@@ -233,11 +238,10 @@ def check_inputs(cfg: PretrainConfig) -> PretrainInputs:
         if not path:
             raise ConfigError(f"data.{key} is not set: give the .beton written by "
                               f"`python -m backbone.write_beton` (data.{key}=PATH)")
-        if not Path(path).is_file():
-            raise ConfigError(f"data.{key}: {path} does not exist "
-                              "(write it with python -m backbone.write_beton)")
+        require_file(path, f"data.{key}", "write it with `python -m backbone.write_beton`")
         try:
             metas[key] = read_meta(path)
+            check_beton(path, metas[key])
         except Exception as e:  # noqa: BLE001 - reported with the file name and the fix
             raise ConfigError(f"data.{key}: cannot read {path}: {e}. Rewrite it with "
                               "`python -m backbone.write_beton`.") from e
@@ -245,6 +249,12 @@ def check_inputs(cfg: PretrainConfig) -> PretrainInputs:
     if n_train != n_val:
         raise ConfigError(f"data.train has {n_train} classes but data.val has {n_val}: "
                           "write both from the same class folders")
+    if metas["train"].get("classes") != metas["val"].get("classes"):
+        diff = [(i, a, b) for i, (a, b) in enumerate(zip(metas["train"]["classes"], metas["val"]["classes"],
+                                                          strict=True)) if a != b]
+        raise ConfigError(f"data.train and data.val map classes differently (label {diff[0][0]} is "
+                          f"'{diff[0][1]}' in one and '{diff[0][2]}' in the other; {len(diff)} differ): write both "
+                          "from folders with the same class names")
     num_classes = cfg.model.num_classes if cfg.model.num_classes is not None else n_train
     if num_classes != n_train:
         raise ConfigError(f"model.num_classes={num_classes} but {cfg.data.train} has {n_train} classes; "
@@ -266,12 +276,20 @@ def expected_identity(cfg: PretrainConfig, num_classes: int) -> dict[str, Any]:
 class Trainer:
     def __init__(self, cfg: PretrainConfig, inputs: PretrainInputs, env: distrib.DistEnv, device: torch.device,
                  preempt: PreemptionFlag):
+        import numba
+
         from backbone.data import make_train_loader, make_val_loader
 
+        if cfg.data.num_workers > numba.config.NUMBA_NUM_THREADS:
+            raise ConfigError(f"data.num_workers={cfg.data.num_workers}, but ffcv (numba) runs at most "
+                              f"{numba.config.NUMBA_NUM_THREADS} threads on this machine: lower it (the sbatch "
+                              "scripts set it from --cpus-per-task)")
         self.cfg, self.inputs, self.env, self.device = cfg, inputs, env, device
         self.run_dir = Path(cfg.run.dir)
         self.on_gpu = device.type == "cuda"
         self.amp_dtype = torch.bfloat16 if self.on_gpu and cfg.train.amp else None
+        # half-precision batches feed autocast; an fp32 model (train.amp=false) needs fp32 ones
+        self.input_dtype = torch.float16 if self.amp_dtype is not None else torch.float32
         self.memory_format = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
 
         torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
@@ -289,9 +307,13 @@ class Trainer:
         self.criterion = nn.CrossEntropyLoss(label_smoothing=cfg.optim.label_smoothing)
 
         self.epoch, self.step_in_epoch = 0, 0
+        self.flops = TrainFlops(model)
+        self.resolution = resolution_at(cfg.resolution, self.epoch)
         self.loop = TrainLoop(env=env, device=device, preempt=preempt,
                               metrics=MetricsWriter(self.run_dir / "metrics.jsonl", enabled=env.is_main),
-                              logger=log, checkpoint_state=self.checkpoint_state, run_dir=self.run_dir,
+                              flops_per_image=lambda: self.flops(3, self.resolution, self.resolution),
+                              logger=log, models=[model] + ([self.ema.module] if self.ema is not None else []),
+                              checkpoint_state=self.checkpoint_state, run_dir=self.run_dir,
                               keep_checkpoints=cfg.run.keep_checkpoints, check_every=cfg.run.check_every_steps,
                               log_every_s=cfg.run.log_every_s)
         torch.manual_seed(cfg.train.seed + env.rank)
@@ -303,10 +325,10 @@ class Trainer:
         self.train_loader = make_train_loader(
             cfg.data.train, batch_size=self.batch.micro_batch, num_workers=cfg.data.num_workers, resolution=res,
             device=device, distributed=env.distributed, seed=cfg.train.seed, order="random",
-            os_cache=cfg.data.in_memory, drop_last=True)
+            os_cache=cfg.data.in_memory, drop_last=True, dtype=self.input_dtype)
         self.val_loader = make_val_loader(
             cfg.data.val, batch_size=cfg.data.val_batch_size, num_workers=cfg.data.num_workers,
-            resolution=cfg.resolution.val_res, device=device, distributed=env.distributed)
+            resolution=cfg.resolution.val_res, device=device, distributed=env.distributed, dtype=self.input_dtype)
         self.steps_per_epoch = len(self.train_loader) // self.batch.accumulation
         if self.steps_per_epoch == 0:
             raise ConfigError(f"{cfg.data.train} has fewer images than one global batch (data.global_batch="
@@ -319,6 +341,11 @@ class Trainer:
                 "the same batch and number of processes (the sample order and the BatchNorm statistics depend on "
                 "both), or start a new run.dir")
         self.peak = peak_lr(cfg.optim, self.global_batch)
+        # Restored last: building the loaders draws from NumPy's global generator (ffcv's Loader seeds
+        # itself with np.random.randint when given no seed, as the val loader is), which would shift the
+        # resumed run's NumPy stream by one draw.
+        if resumed is not None:
+            ckpt.restore_rank_rng(resumed.rng, env.rank, env.world_size)
 
     # --- checkpoints --------------------------------------------------------------------------
     def checkpoint_state(self, rng: list[dict[str, Any]]) -> dict[str, Any]:
@@ -341,7 +368,6 @@ class Trainer:
                                            "train.ema=false or start a new run.dir")
             self.ema.module.load_state_dict(state.model_ema)
         self.epoch, self.loop.step, self.step_in_epoch = state.epoch, state.step, state.step_in_epoch
-        ckpt.restore_rank_rng(state.rng, self.env.rank, self.env.world_size)
         log.info("resumed from checkpoint %s at epoch %d, step %d (step %d of the epoch)", path,
                  self.epoch, state.step, self.step_in_epoch)
         return state
@@ -356,15 +382,22 @@ class Trainer:
                      self.global_batch, self.env.world_size, self.batch.per_process,
                      f" (accumulated over {self.batch.accumulation} micro-batches of {self.batch.micro_batch})"
                      if self.batch.accumulation > 1 else "", self.peak)
+        try:
+            return self.train_epochs()
+        finally:
+            self.loop.metrics.flush()
+
+    def train_epochs(self) -> RunStatus:
+        cfg = self.cfg
         while self.epoch < cfg.train.epochs:
             self.train_epoch()
             if self.loop.preempted:
                 return RunStatus.PREEMPTED
             self.epoch, self.step_in_epoch = self.epoch + 1, 0
-            self.loop.save()
             last = self.epoch == cfg.train.epochs
             if last or self.epoch % cfg.train.eval_every == 0:
-                self.validate()
+                self.validate()  # before the checkpoint: weights with a NaN validation loss are not "good"
+            self.loop.save()
             if not last and self.loop.stop_requested():
                 return RunStatus.PREEMPTED
         self.paper_scores = self.evaluate_paper_protocol()
@@ -375,7 +408,7 @@ class Trainer:
         from backbone.data import epoch_batches, set_epoch, set_train_resolution
 
         cfg = self.cfg
-        res = resolution_at(cfg.resolution, self.epoch)
+        res = self.resolution = resolution_at(cfg.resolution, self.epoch)
         set_train_resolution(self.train_loader, res)
         set_epoch(self.train_loader, self.epoch)  # sample order = f(seed, epoch), also after a resume
         self.model.train()
@@ -409,10 +442,19 @@ class Trainer:
     def validate(self) -> dict[str, float]:
         stats = self.evaluate()
         self.loop.metrics.write(kind="val", epoch=self.epoch, step=self.loop.step, **stats)
+        self.loop.check_validation(stats["loss"], f"validation loss after epoch {self.epoch}")
+        self.draw_curves()
         if self.env.is_main:
             log.info("epoch %d/%d: val top-1 %.4f, top-5 %.4f, loss %.4f", self.epoch,
                      self.cfg.train.epochs, stats["top1"], stats["top5"], stats["loss"])
         return stats
+
+    def draw_curves(self) -> None:
+        """``curves.png`` in the run directory, redrawn from metrics.jsonl (rank 0)."""
+        if self.env.is_main:
+            self.loop.metrics.flush()
+            draw_curves({self.cfg.model.name: self.run_dir}, self.run_dir / "curves.png",
+                        f"pretraining {self.cfg.model.name} ({self.run_dir.name})")
 
     @property
     def trained_model(self) -> nn.Module:
@@ -468,13 +510,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "ImageNet pretraining of a timm model (ffcv data, DDP, resumable).", prog="python -m backbone.train",
         epilog="config keys (section.key=default):\n" + describe_keys(PretrainConfig))
     args = parser.parse_args(argv)
-    try:
-        cfg = load_config(PretrainConfig, args.config, args.overrides)
-        run(cfg)
-    except (ConfigError, ckpt.CheckpointError, NonFiniteLossError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return run_cli(lambda: load_config(PretrainConfig, args.config, args.overrides), run,
+                   (ConfigError, ckpt.CheckpointError, NonFiniteLossError, WeightsMismatchError, FileNotFoundError))
 
 
 if __name__ == "__main__":

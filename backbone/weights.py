@@ -13,6 +13,7 @@ timm's own ``load_state_dict`` picks ``state_dict_ema``/``model_ema``, then ``st
 """
 from __future__ import annotations
 
+import pickle
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
@@ -28,6 +29,7 @@ __all__ = [
 ]
 
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+_STATE_KEYS = ("model", "model_ema", "state_dict", "state_dict_ema", "optimizer", "scaler", "rng")
 _SHOW = 8  # keys listed per kind of mismatch; the rest are counted
 
 
@@ -48,21 +50,30 @@ def _strip_wrappers(key: str) -> str:
 def read_state_dict(path: str | Path, *, use_ema: bool = True) -> tuple[dict[str, torch.Tensor], dict]:
     """Return ``(state_dict, meta)`` from any format above; ``meta`` holds e.g. ``model_name``."""
     path = Path(path)
+    if path.is_dir():
+        raise FileNotFoundError(f"{path} is a folder, not a checkpoint: give the final.pth (or checkpoint_*.pt) in it")
     if not path.is_file():
         raise FileNotFoundError(
             f"checkpoint not found: {path} (give the path of a final.pth, a training checkpoint or a state dict)"
         )
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated file, not a torch file, foreign pickle
-        raise WeightsMismatchError(f"cannot read checkpoint {path}: {type(e).__name__}: {e}") from e
+    except pickle.UnpicklingError:  # a pickle of arbitrary objects: torch's advice is to trust it; we don't
+        raise WeightsMismatchError(
+            f"cannot read checkpoint {path}: it holds Python objects besides tensors and plain values, which "
+            "torch.load(weights_only=True) refuses to run. Save the weights alone, e.g. "
+            "torch.save(model.state_dict(), path)") from None
+    except Exception as e:  # truncated file, not a torch file
+        raise WeightsMismatchError(f"cannot read checkpoint {path}: it is not a PyTorch checkpoint, or it is "
+                                   f"truncated ({type(e).__name__}: {e})") from e
     if not isinstance(ckpt, Mapping):
         raise WeightsMismatchError(f"checkpoint {path} holds a {type(ckpt).__name__}, not a state dict")
     meta: dict = {}
     keys = ("model_ema", "state_dict_ema", "state_dict", "model") if use_ema else ("state_dict", "model")
     for key in keys:
         if isinstance(ckpt.get(key), Mapping):
-            meta = {k: v for k, v in ckpt.items() if not isinstance(v, Mapping) or k == "pretrained_cfg"}
+            # everything but the weights and the training state: names, formats, model_kwargs, provenance
+            meta = {k: v for k, v in ckpt.items() if k not in _STATE_KEYS}
             meta["weights_key"] = key
             ckpt = ckpt[key]
             break

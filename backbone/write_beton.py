@@ -16,9 +16,14 @@ temporary name that is renamed only once the file is complete.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
+import errno
 import json
+import multiprocessing
 import os
+import shutil
+import signal
 import sys
 import threading
 import time
@@ -26,9 +31,10 @@ import warnings
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
-from multiprocessing import active_children
+from multiprocessing.connection import Connection
 from multiprocessing.shared_memory import SharedMemory
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -38,6 +44,10 @@ from tqdm import tqdm
 BETON_SUFFIX = ".beton"
 MIN_PAGE_SIZE = 1 << 23  # ffcv's default DatasetWriter page size (8 MiB)
 MAX_SIDE = 65535  # RGBImageField stores width and height as uint16
+# The loaders' centre crop keeps int(0.875 x short side) pixels (timm's DEFAULT_CROP_PCT): a short side
+# under 2 px crops to nothing, and OpenCV aborts the whole training process on it.
+MIN_SIDE = 2
+JPEG_BYTES_PER_PIXEL = 0.05  # a lower bound for quality-90 JPEGs of photos (about 1/60 of raw): a floor, not a guess
 
 
 class WriterError(RuntimeError):
@@ -101,6 +111,29 @@ def read_meta(beton: str | Path) -> dict:
         return json.load(f)
 
 
+def check_beton(beton: str | Path, meta: dict) -> None:
+    """Open ``beton`` with ffcv's reader and check it against its JSON: the fields this project writes and as
+    many samples as the JSON says. Raises ValueError: a random, truncated or foreign file fails here, before a
+    run creates anything, rather than in a loader thread."""
+    import torch
+
+    threads = torch.get_num_threads()
+    try:
+        from ffcv.reader import Reader  # importing ffcv sets torch's thread count to 1: put it back
+
+        reader = Reader(str(beton))
+    except Exception as e:  # noqa: BLE001 - ffcv raises what numpy raises on a bad header
+        raise ValueError(f"not a readable .beton ({type(e).__name__}: {e})") from None
+    finally:
+        torch.set_num_threads(threads)
+    fields = set(reader.field_names)
+    if fields != {"image", "label"}:
+        raise ValueError(f"it holds the fields {sorted(fields)}, not image and label")
+    if reader.num_samples != meta.get("num_images"):
+        raise ValueError(f"it holds {reader.num_samples} images, its JSON says {meta.get('num_images')}: the two do "
+                         "not belong together")
+
+
 def _is_image(path: Path) -> bool:
     return path.suffix.lower() in IMG_EXTENSIONS
 
@@ -160,6 +193,7 @@ def check_output(out: str | Path, overwrite: bool) -> tuple[Path, Path]:
             raise WriterError(
                 f"{existing} already exists; pass --overwrite to replace it, or choose another --out"
             )
+    _clean_partials(out)
     tmp_beton = out.with_name(f".{out.name}.partial-{os.getpid()}")
     tmp_json = meta_path(out).with_name(f".{meta_path(out).name}.partial-{os.getpid()}")
     try:
@@ -167,6 +201,29 @@ def check_output(out: str | Path, overwrite: bool) -> tuple[Path, Path]:
     except OSError as e:
         raise WriterError(f"cannot write to {out.parent} ({e.strerror}); choose a writable --out") from e
     return tmp_beton, tmp_json
+
+
+def _clean_partials(out: Path) -> None:
+    """Remove the partial files a killed writer left for ``out``; refuse while a live writer owns some."""
+    for name in (out.name, meta_path(out).name):
+        for partial in out.parent.glob(f".{name}.partial-*"):
+            pid = partial.name.rsplit("-", 1)[-1]
+            alive = pid.isdigit() and _pid_alive(int(pid))
+            if alive and int(pid) != os.getpid():
+                raise WriterError(f"{partial} belongs to a writer that is still running (pid {pid}): wait for it, or "
+                                  "stop it, before writing the same --out")
+            partial.unlink(missing_ok=True)
+            print(f"removed {partial}, left by an interrupted writer", file=sys.stderr)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def probe_image(path: Path) -> tuple[int, int]:
@@ -182,8 +239,9 @@ def probe_image(path: Path) -> tuple[int, int]:
     return w, h
 
 
-def _probe_all(scan: FolderScan, settings: WriterSettings, num_workers: int, skip_bad: bool) -> int:
-    """Drop unreadable files from ``scan`` (or raise); return the largest sample's raw size in bytes."""
+def _probe_all(scan: FolderScan, settings: WriterSettings, num_workers: int, skip_bad: bool) -> tuple[int, int]:
+    """Drop unreadable or unusable files from ``scan`` (or raise); return the largest sample's raw size
+    and the raw size of all samples, in bytes, after resizing."""
 
     def probe(path: Path) -> tuple[int, int] | str:
         try:
@@ -202,22 +260,28 @@ def _probe_all(scan: FolderScan, settings: WriterSettings, num_workers: int, ski
         for start in range(0, len(paths), 4096):
             results.extend(pool.map(probe, paths[start : start + 4096]))
             bar.update(len(paths[start : start + 4096]))
-    kept, max_bytes = [], 0
+    kept, max_bytes, total_bytes = [], 0, 0
     for (path, label), res in zip(scan.samples, results, strict=True):
         if isinstance(res, tuple):
-            w, h = res
+            w0, h0 = w, h = res
             if settings.max_resolution is not None and max(w, h) > settings.max_resolution:
                 s = settings.max_resolution / max(w, h)
-                w, h = int(w * s), int(h * s)
+                w, h = int(w * s), int(h * s)  # as ffcv's RGBImageField resizes
             if max(w, h) > MAX_SIDE:
                 res = f"{w}x{h} is larger than ffcv's limit of {MAX_SIDE} px per side; use --max-resolution"
+            elif min(w, h) < MIN_SIDE:
+                stored = f" (stored as {w}x{h} at --max-resolution {settings.max_resolution})" if (w, h) != (w0, h0) \
+                    else ""
+                res = (f"a {w0}x{h0} image{stored} is too small for the loaders' crops (a side under {MIN_SIDE} px "
+                       "crops to nothing)")
             else:
                 max_bytes = max(max_bytes, w * h * 3)
+                total_bytes += w * h * 3
                 kept.append((path, label))
                 continue
         if not skip_bad:
             raise WriterError(
-                f"cannot read image {path} ({res}); delete or replace it, or pass --skip-bad to leave it out"
+                f"cannot use image {path}: {res}; delete or replace it, or pass --skip-bad to leave it out"
             )
         scan.skipped.append({"path": str(path.relative_to(scan.root)), "label": label, "error": res})
     scan.samples = kept
@@ -226,7 +290,19 @@ def _probe_all(scan: FolderScan, settings: WriterSettings, num_workers: int, ski
     empty = sorted(set(scan.classes) - {scan.classes[label] for _, label in kept})
     if empty:
         raise WriterError(f"after skipping unreadable files, class(es) {', '.join(empty)} hold no images")
-    return max_bytes
+    return max_bytes, total_bytes
+
+
+def storage_bounds(settings: WriterSettings, raw_bytes: int, num_images: int, page_size: int,
+                   num_workers: int) -> tuple[int, int]:
+    """(at least, at most) bytes the .beton needs. Samples: raw pixels for what is stored raw, a JPEG
+    floor for the rest; at most everything raw. ffcv stores them in whole pages, each writer worker
+    filling its own, plus a metadata record per image."""
+    jpeg = {"raw": 0.0, "jpg": 1.0, "smart": 0.0, "proportion": settings.compress_probability}[settings.write_mode]
+    overhead = 64 * num_images
+    low = int(raw_bytes * (1 - jpeg) + raw_bytes * jpeg * JPEG_BYTES_PER_PIXEL / 3)
+    pages = -(-low // page_size)
+    return pages * page_size + overhead, (-(-raw_bytes // page_size) + num_workers) * page_size + overhead
 
 
 def page_size_for(max_sample_bytes: int) -> int:
@@ -263,44 +339,32 @@ class ImageFolderRGB:
             raise WriterError(f"cannot read image {path}: {type(e).__name__}: {e}") from e
 
 
-class _WorkerWatch(threading.Thread):
-    """Interrupts the main thread when a writer worker process dies.
+def _watch_workers(report: Connection) -> None:
+    """In the writer process: when a worker dies with an error, say so and end this process at once.
 
-    ffcv's ``DatasetWriter`` waits for a sample count that a dead worker never delivers, so
-    without this a failed worker (disk full, file changed since the check) hangs the run.
+    ffcv's ``DatasetWriter`` then waits forever -- for a sample count a dead worker never delivers, or
+    in a blocking read of its allocation queue, where no Python-level interrupt reaches it. So the
+    writer process exits from this thread instead, and the parent cleans up.
     """
-
-    def __init__(self) -> None:
-        super().__init__(daemon=True)
-        self.stop = threading.Event()
-        self.failed: list[str] = []
-
-    def run(self) -> None:
-        seen = {}
-        while not self.stop.wait(0.2):
-            for p in active_children():
-                seen.setdefault(p.pid, p)
-            for p in seen.values():
-                if p.exitcode not in (None, 0):
-                    self.failed.append(f"{p.name} (pid {p.pid}) exited with code {p.exitcode}")
-            if self.failed and not self.stop.is_set():
-                import _thread
-
-                _thread.interrupt_main()
-                return
+    seen: dict[int, Any] = {}
+    while True:
+        time.sleep(0.2)
+        for child in multiprocessing.active_children():
+            seen.setdefault(child.pid, child)
+        failed = [f"{c.name} (pid {c.pid}) exited with code {c.exitcode}" for c in list(seen.values())
+                  if c.exitcode not in (None, 0)]
+        if failed:
+            report.send(("worker", "; ".join(failed)))
+            os._exit(3)
 
 
-def _write_samples(
-    scan: FolderScan,
-    tmp_beton: Path,
-    settings: WriterSettings,
-    num_workers: int,
-    chunk_size: int,
-    page_size: int,
-) -> None:
+def _writer_process(scan_samples: list[tuple[Path, int]], tmp_beton: Path, settings: WriterSettings,
+                    num_workers: int, chunk_size: int, page_size: int, report: Connection) -> None:
+    """The body of the writer process: ffcv's DatasetWriter and its worker processes, watched."""
     from ffcv.fields import IntField, RGBImageField
     from ffcv.writer import DatasetWriter
 
+    os.setpgrp()  # this process and the workers it forks: one group the parent can stop at once
     fields = {
         "image": RGBImageField(
             write_mode=settings.write_mode,
@@ -312,26 +376,103 @@ def _write_samples(
         "label": IntField(),
     }
     writer = DatasetWriter(str(tmp_beton), fields, page_size=page_size, num_workers=num_workers)
-    watch = _WorkerWatch()
-    watch.start()
+    prepare = writer.prepare
+
+    def prepare_and_report() -> None:  # the shared memory ffcv creates must not outlive a failed write
+        prepare()
+        report.send(("shared_memory", writer.metadata_sm.name))
+
+    writer.prepare = prepare_and_report
+    threading.Thread(target=_watch_workers, args=(report,), daemon=True).start()
     try:
-        writer.from_indexed_dataset(ImageFolderRGB(scan.samples, settings.seed), chunksize=chunk_size)
-    except KeyboardInterrupt:
-        watch.stop.set()
-        for p in active_children():
-            p.terminate()
-            p.join()
-        sm = getattr(writer, "metadata_sm", None)
-        if isinstance(sm, SharedMemory):
-            sm.close()
-            sm.unlink()
-        if watch.failed:
-            raise WriterError(
-                "a writer worker failed (" + "; ".join(watch.failed) + "); its error is printed above"
-            ) from None
+        writer.from_indexed_dataset(ImageFolderRGB(scan_samples, settings.seed), chunksize=chunk_size)
+    except OSError as e:
+        report.send(("error", f"{type(e).__name__}: {e}", e.errno))
         raise
-    finally:
-        watch.stop.set()
+    report.send(("done",))
+
+
+def _stop_group(proc: multiprocessing.process.BaseProcess) -> None:
+    """Kill the writer process and its workers (its process group) and reap the writer."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.join()
+
+
+def _write_samples(
+    scan: FolderScan,
+    tmp_beton: Path,
+    settings: WriterSettings,
+    num_workers: int,
+    chunk_size: int,
+    page_size: int,
+    needs: tuple[int, int],
+) -> None:
+    """Run ffcv's writer in a process group of its own and watch it: a dead worker or a full disk ends
+    the write within a second, with the cause; nothing of it is left running."""
+    ctx = multiprocessing.get_context("fork")
+    receive, send = ctx.Pipe(duplex=False)
+    proc = ctx.Process(target=_writer_process, name="beton-writer",
+                       args=(scan.samples, tmp_beton, settings, num_workers, chunk_size, page_size, send))
+    proc.start()
+    send.close()
+    messages: list[tuple] = []
+    try:
+        while True:  # until the writer process has closed its end of the pipe (it ended)
+            if not receive.poll(0.2):
+                if not proc.is_alive() and not receive.poll():
+                    break
+                continue
+            try:
+                messages.append(receive.recv())
+            except EOFError:
+                break
+            if messages[-1][0] == "worker":
+                break  # the writer process is ending itself; its workers may be stuck: stop them
+    except BaseException:  # Ctrl-C: take the writer and its workers down with us
+        _stop_group(proc)
+        _unlink_shared_memory(messages)
+        raise
+    _stop_group(proc)
+    if proc.exitcode == 0 and any(m[0] == "done" for m in messages):
+        return
+    _unlink_shared_memory(messages)
+    raise WriterError(_failure_message(messages, proc.exitcode, tmp_beton, needs))
+
+
+def _unlink_shared_memory(messages: list[tuple]) -> None:
+    for kind, *rest in messages:
+        if kind == "shared_memory":
+            with contextlib.suppress(FileNotFoundError):
+                sm = SharedMemory(name=rest[0])
+                sm.close()
+                sm.unlink()
+
+
+def _failure_message(messages: list[tuple], exitcode: int | None, tmp_beton: Path, needs: tuple[int, int]) -> str:
+    free = shutil.disk_usage(tmp_beton.parent).free
+    errnos = {m[2] for m in messages if m[0] == "error"}
+    written = tmp_beton.stat().st_size if tmp_beton.exists() else 0
+    if errnos & {errno.ENOSPC, errno.EDQUOT} or free < MIN_PAGE_SIZE:
+        low, high = needs
+        return (f"the disk holding {tmp_beton.parent} is full ({_human(free)} free) after {_human(written)} of the "
+                f".beton were written; it needs between {_human(low)} and {_human(high)} (ffcv's pages of "
+                f"{_human(MIN_PAGE_SIZE)} at least, filled with JPEGs or raw pixels). Free space, write to another "
+                "disk (--out), or store fewer raw images (--compress-probability, --max-resolution); nothing was "
+                "written to --out")
+    worker = next((m[1] for m in messages if m[0] == "worker"), None)
+    cause = f"a writer worker failed ({worker})" if worker else "the writer failed (" + next(
+        (m[1] for m in messages if m[0] == "error"), f"exit code {exitcode}") + ")"
+    return (f"{cause}; its error is printed above. Nothing was written to --out; fix the cause (a file changed "
+            "since the check? --skip-bad leaves out unreadable ones) and run again")
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
 
 
 def write_beton(
@@ -359,8 +500,14 @@ def write_beton(
     scan = scan_imagefolder(data_dir)
     tmp_beton, tmp_json = check_output(out, overwrite)
     try:
-        max_bytes = _probe_all(scan, settings, num_workers, skip_bad)
-        _write_samples(scan, tmp_beton, settings, num_workers, chunk_size, page_size_for(max_bytes))
+        max_bytes, raw_bytes = _probe_all(scan, settings, num_workers, skip_bad)
+        page_size = page_size_for(max_bytes)
+        needs = storage_bounds(settings, raw_bytes, len(scan.samples), page_size, num_workers)
+        free = shutil.disk_usage(out.parent).free
+        if free < needs[0]:
+            raise WriterError(f"{out.parent} has {_human(free)} free, and the .beton needs at least {_human(needs[0])} "
+                              f"(up to {_human(needs[1])}); free space or write to another disk (--out)")
+        _write_samples(scan, tmp_beton, settings, num_workers, chunk_size, page_size, needs)
         meta = {
             "classes": scan.classes,
             "class_to_idx": scan.class_to_idx,
@@ -377,7 +524,10 @@ def write_beton(
             },
             "skipped": scan.skipped,
         }
-        tmp_json.write_text(json.dumps(meta, indent=1) + "\n")
+        try:
+            tmp_json.write_text(json.dumps(meta, indent=1) + "\n")
+        except OSError as e:
+            raise WriterError(f"cannot write {meta_path(out)} ({e.strerror}); free space in {out.parent}") from e
         # The JSON first, the .beton last: an existing .beton always has its JSON.
         os.replace(tmp_json, meta_path(out))
         os.replace(tmp_beton, out)

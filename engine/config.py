@@ -181,6 +181,16 @@ def parse_override(cls: type, text: str) -> dict[str, Any]:
     return nested
 
 
+def require_file(path: str | Path, key: str, fix: str) -> Path:
+    """``path`` if it is a file; else a ConfigError naming ``key``, whether it is missing or a folder, and ``fix``."""
+    path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"{key}: {path} is a folder, not a file; {fix}")
+    if not path.is_file():
+        raise ConfigError(f"{key}: {path} does not exist; {fix}")
+    return path
+
+
 def load_config(cls: type[T], path: str | Path | None = None, overrides: Sequence[str] = ()) -> T:
     """Build a ``cls`` instance from defaults, the YAML file at ``path`` and ``overrides``."""
     cfg = cls()

@@ -18,6 +18,7 @@ from __future__ import annotations
 import datetime
 import logging
 import os
+import socket
 from dataclasses import dataclass
 
 import torch
@@ -104,8 +105,9 @@ def init(env: DistEnv, device: torch.device, timeout_s: float = 600.0) -> None:
     if not env.distributed or dist.is_initialized():
         return
     backend = "nccl" if device.type == "cuda" else "gloo"
-    log.info("rank %d/%d (local %d) joining %s process group at %s:%d [%s]", env.rank, env.world_size,
-             env.local_rank, backend, env.master_addr, env.master_port, env.source)
+    # The host: on several nodes the log then shows which rank ran where (and that the master is rank 0's).
+    log.info("rank %d/%d (local %d) on %s joining %s process group at %s:%d [%s]", env.rank, env.world_size,
+             env.local_rank, socket.gethostname(), backend, env.master_addr, env.master_port, env.source)
     dist.init_process_group(backend=backend, init_method=f"tcp://{env.master_addr}:{env.master_port}",
                             rank=env.rank, world_size=env.world_size,
                             timeout=datetime.timedelta(seconds=timeout_s),

@@ -49,16 +49,27 @@ def _jsonable(v: Any) -> Any:
 
 
 class MetricsWriter:
-    """Appends one JSON object per line to ``path`` (rank 0 only; a no-op elsewhere).
+    """Appends one JSON object per line to ``path`` and, with ``tensorboard``, the numbers of each record
+    as TensorBoard scalars in the same folder (rank 0 only; a no-op elsewhere).
 
-    Appending keeps the history of a resumed run in one file; every record carries ``time``.
+    Appending keeps the history of a resumed run in one file; every record carries ``time``. A record's
+    ``kind`` and ``step`` place its scalars (``train/loss`` at step 120); a list of numbers is one scalar
+    per entry, named by ``names`` (e.g. per-class IoU by class name). Records go to TensorBoard's event
+    file as they come; it is flushed every 30 s and at each validation (``flush``).
     """
 
-    def __init__(self, path: str | Path, enabled: bool = True):
+    def __init__(self, path: str | Path, enabled: bool = True, tensorboard: bool = True,
+                 names: dict[str, list[str]] | None = None):
         self.path = Path(path)
         self.enabled = enabled
+        self.names = names or {}
+        self._tb = None
         if enabled:
             self.path.parent.mkdir(parents=True, exist_ok=True)
+            if tensorboard:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self._tb = SummaryWriter(log_dir=str(self.path.parent), flush_secs=30)
 
     def write(self, **record: Any) -> None:
         if not self.enabled:
@@ -66,6 +77,30 @@ class MetricsWriter:
         record = {"time": round(time.time(), 3), **{k: _jsonable(v) for k, v in record.items()}}
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
+        if self._tb is not None and "step" in record:
+            self._scalars(record)
+
+    def _scalars(self, record: dict[str, Any]) -> None:
+        kind, step = record.get("kind", "metrics"), int(record["step"])
+        for key, value in record.items():
+            if key in ("time", "kind", "step"):
+                continue
+            if isinstance(value, list):
+                labels = self.names.get(key) or [str(i) for i in range(len(value))]
+                for label, v in zip(labels, value, strict=False):
+                    if isinstance(v, int | float) and not isinstance(v, bool):
+                        self._tb.add_scalar(f"{kind}/{key}/{label}", v, step)
+            elif isinstance(value, int | float) and not isinstance(value, bool):
+                self._tb.add_scalar(f"{kind}/{key}", value, step)
+
+    def flush(self) -> None:
+        if self._tb is not None:
+            self._tb.flush()
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:

@@ -15,8 +15,10 @@ batches), does what needs the ranks to agree, since each such check synchronises
   drained ffcv epoch can outlast SLURM's grace period) and the job is requeued;
 * **non-finite loss** -- the run stops with :class:`NonFiniteLossError` naming the latest checkpoint
   (which is finite: ``engine.checkpoint`` writes no other);
-* **throughput and metrics** -- mean loss over the window (all ranks), images per second, one
-  ``kind=train`` record in ``metrics.jsonl`` and the progress line;
+* **throughput and metrics** -- mean loss over the window (all ranks), images per second (per process
+  and in all), the share of the time spent waiting for the next batch (``data_wait``), the model FLOPs
+  utilisation (``mfu``, where the device's peak is known), one ``kind=train`` record in ``metrics.jsonl``
+  (and TensorBoard) and the progress line; at the end of the batches one summary line;
 * **checkpoint cadence** -- every ``checkpoint_every`` steps and at the last step of the run.
 
 The batch iterator is closed whenever the loop ends early (``close()`` when it has one), so an ffcv
@@ -27,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import logging
+import math
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -37,10 +40,11 @@ import torch
 
 from . import checkpoint as ckpt
 from . import distributed as distrib
+from .complexity import device_peak_flops
 from .config import ConfigError
 from .logs import MetricsWriter, Progress
 from .preemption import PreemptionFlag
-from .runner import NonFiniteLossError, RunStatus
+from .runner import RunStatus, diverged
 
 T = TypeVar("T")
 
@@ -112,26 +116,54 @@ class _Window:
 
     def reset(self) -> None:
         self.loss.zero_()
-        self.steps, self.images, self.data_wait_s = 0, 0, 0.0
+        self.steps, self.images, self.data_wait_s, self.flops = 0, 0, 0.0, 0.0
         self.t0 = time.perf_counter()
+
+
+class Throughput:
+    """Images per second (per process, and in all), share of time waiting for data, MFU, of a stretch."""
+
+    def __init__(self, images: int, seconds: float, data_wait_s: float, world_size: int, flops: float,
+                 peak_flops: float | None) -> None:
+        seconds = max(seconds, 1e-9)
+        self.per_process = images / seconds
+        self.total = self.per_process * world_size
+        self.data_wait = data_wait_s / seconds
+        self.mfu = flops / seconds / peak_flops if peak_flops and flops else None
+
+    def record(self) -> dict[str, float | None]:
+        return {"img_per_s": self.total, "img_per_s_per_process": self.per_process, "data_wait": self.data_wait,
+                "mfu": self.mfu}
+
+    def line(self, unit: str) -> str:
+        mfu = f"MFU {100 * self.mfu:.0f} %" if self.mfu is not None else "MFU n/a (no known peak for this device)"
+        return (f"{self.per_process:,.1f} img/s per {unit} ({self.total:,.1f} in all), data wait "
+                f"{100 * self.data_wait:.0f} %, {mfu}")
 
 
 class TrainLoop:
     """Step counting, cross-rank checks, preemption, non-finite detection, throughput, records, checkpoints."""
 
     def __init__(self, *, env: distrib.DistEnv, device: torch.device, preempt: PreemptionFlag,
-                 metrics: MetricsWriter, logger: logging.Logger,
+                 metrics: MetricsWriter, logger: logging.Logger, models: Sequence[torch.nn.Module],
                  checkpoint_state: Callable[[list[dict[str, Any]]], dict[str, Any]], run_dir: Path,
                  keep_checkpoints: int = 2, step: int = 0, total_steps: int | None = None, check_every: int = 50,
-                 checkpoint_every: int = 0, log_every_s: float = 30.0, nonfinite_hint: str = "") -> None:
+                 checkpoint_every: int = 0, log_every_s: float = 30.0, nonfinite_hint: str = "",
+                 flops_per_image: Callable[[], float] | None = None) -> None:
         self.env, self.device, self.preempt, self.metrics, self.log = env, device, preempt, metrics, logger
+        self.models = list(models)  # whose weights a checkpoint holds: checked finite before each one
         self.checkpoint_state, self.run_dir, self.keep_checkpoints = checkpoint_state, run_dir, keep_checkpoints
         self.step, self.total_steps = step, total_steps
         self.check_every, self.checkpoint_every, self.log_every_s = check_every, checkpoint_every, log_every_s
         self.nonfinite_hint = nonfinite_hint
+        # MFU needs the device's peak (known GPUs only) and the model's FLOPs (counted once per input size)
+        self.peak_flops = device_peak_flops(device)
+        self.flops_per_image = flops_per_image if self.peak_flops else None
+        self.unit = "GPU" if device.type == "cuda" else "process"
         self.status: RunStatus | None = None  # PREEMPTED once a signal stopped the loop
         self.last_train: dict[str, Any] = {}  # the latest train record
         self._window = _Window(device)
+        self._run = _Window(device)  # the whole of one steps() call, for its summary line
         self._values: dict[str, Any] = {}
         self._recorded = False
 
@@ -140,15 +172,31 @@ class TrainLoop:
         return self.status is RunStatus.PREEMPTED
 
     def save(self) -> Path | None:
-        """Checkpoint the current step: every rank's RNG state is gathered (a collective, all ranks call
-        this), rank 0 builds the state (``checkpoint_state(rng_states)``) and writes it; returns its path there."""
+        """Checkpoint the current step (a collective: all ranks call this); returns its path on rank 0.
+
+        Every rank first checks its weights: a diverged run writes nothing and stops, all ranks alike (a
+        rank raising alone would leave the others waiting). Every rank's RNG state is gathered, rank 0
+        builds the state (``checkpoint_state(rng_states)``) and writes it, and the ranks agree on whether
+        that worked (a full disk stops them all, with rank 0's reason).
+        """
+        if distrib.any_rank(not self._weights_finite(), self.device):
+            raise diverged(f"the weights hold NaN/inf at step {self.step}", self.run_dir, self.nonfinite_hint)
         rng = ckpt.gather_rng_states(self.env.world_size)
-        path = None
+        path, error = None, None
         if self.env.is_main:
-            path = ckpt.save_checkpoint(self.checkpoint_state(rng), self.run_dir, self.step, keep=self.keep_checkpoints)
-            self.log.info("checkpoint: %s (step %d)", path, self.step)
-        distrib.barrier()
+            try:
+                path = ckpt.save_checkpoint(self.checkpoint_state(rng), self.run_dir, self.step,
+                                            keep=self.keep_checkpoints)
+                self.log.info("checkpoint: %s (step %d)", path, self.step)
+            except ckpt.CheckpointError as e:
+                error = e
+        if distrib.any_rank(error is not None, self.device):
+            raise error or ckpt.CheckpointError("rank 0 could not write the checkpoint; its log says why")
         return path
+
+    def _weights_finite(self) -> bool:
+        flags = [torch.isfinite(v).all() for m in self.models for v in m.state_dict().values() if v.is_floating_point()]
+        return bool(torch.stack(flags).all()) if flags else True
 
     def stop_requested(self) -> bool:
         """Between epochs: did a signal reach any rank? Then hand over to SLURM (the caller saved already)."""
@@ -158,13 +206,16 @@ class TrainLoop:
         return self.preempted
 
     def record(self, loss: torch.Tensor, batch_size: int, **values: Any) -> None:
-        """This step's loss (a tensor: no sync here), its batch size, and values for the record (lr, ...)."""
+        """This step's loss (a tensor: no sync here), this process's batch size, and values for the record."""
         w = self._window
         loss = loss.detach()
         w.bad |= ~torch.isfinite(loss)
         w.loss += loss
-        w.steps += 1
-        w.images += batch_size
+        flops = self.flops_per_image() * batch_size if self.flops_per_image is not None else 0.0
+        for acc in (w, self._run):
+            acc.steps += 1
+            acc.images += batch_size
+            acc.flops += flops
         self._values.update(values)
         self._recorded = True
 
@@ -179,6 +230,7 @@ class TrainLoop:
         progress = Progress(None, total if total is not None else length, desc, enabled=self.env.is_main,
                             every_s=self.log_every_s, logger=self.log, initial=initial)
         self._window.reset()
+        self._run.reset()
         try:
             for i in range(length):
                 t = time.perf_counter()
@@ -186,7 +238,9 @@ class TrainLoop:
                     batch = next(it)
                 except StopIteration:
                     return
-                self._window.data_wait_s += time.perf_counter() - t
+                waited = time.perf_counter() - t
+                self._window.data_wait_s += waited
+                self._run.data_wait_s += waited
                 self._recorded = False
                 yield batch
                 if not self._recorded:
@@ -212,26 +266,30 @@ class TrainLoop:
         finally:
             _close(it)
             progress.close()
+            if self._run.steps and self.env.is_main:
+                self.log.info("%s: %d steps, %s", desc, self._run.steps, self._throughput(self._run).line(self.unit))
 
     def _check_finite(self) -> None:
         if distrib.any_rank(bool(self._window.bad.item()), self.device):
-            raise NonFiniteLossError(
-                f"non-finite training loss before step {self.step}; the run stopped without writing a new "
-                f"checkpoint. Last good checkpoint: {ckpt.latest_checkpoint(self.run_dir) or 'none'}. "
-                f"{self.nonfinite_hint or 'Lower optim.lr or check the data'}, then start again with the same "
-                "run.dir to resume from it.")
+            raise diverged(f"non-finite training loss before step {self.step}", self.run_dir, self.nonfinite_hint)
+
+    def check_validation(self, value: float, what: str) -> None:
+        """Stop a run whose validation gave a NaN/inf ``value`` (e.g. its loss) as a diverged one."""
+        if not math.isfinite(value):
+            raise diverged(f"non-finite {what} at step {self.step}", self.run_dir, self.nonfinite_hint)
+
+    def _throughput(self, w: _Window) -> Throughput:
+        return Throughput(w.images, time.perf_counter() - w.t0, w.data_wait_s, self.env.world_size, w.flops,
+                          self.peak_flops)
 
     def _write_train_record(self, progress: Progress) -> None:
         w = self._window
-        now = time.perf_counter()
-        elapsed = max(now - w.t0, 1e-9)
         world = self.env.world_size
         mean_loss = (distrib.all_reduce_sum(w.loss.clone()) / (max(w.steps, 1) * world)).item()
-        rate = w.images * world / elapsed
+        speed = self._throughput(w)
         shown = {k: v for k, v in self._values.items() if k in ("lr", "epoch", "resolution")}
-        progress.update(loss=mean_loss, **shown, img_s=round(rate, 1))
-        self.last_train = {"step": self.step, "loss": mean_loss, **self._values, "images_per_s": rate,
-                           "data_wait": w.data_wait_s / elapsed}
+        progress.update(loss=mean_loss, **shown, img_s=round(speed.total, 1))
+        self.last_train = {"step": self.step, "loss": mean_loss, **self._values, **speed.record()}
         self.metrics.write(kind="train", **self.last_train)
         w.reset()
 

@@ -29,15 +29,31 @@ from types import FrameType
 
 log = logging.getLogger(__name__)
 
-# USR1: our sbatch script's time-limit warning; USR2: submitit's; TERM: preemption, scancel.
-HANDLED = (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM)
+# USR1: our sbatch scripts' time-limit warning; USR2: submitit's; TERM: preemption, scancel; HUP: what
+# newer submitit sends (some NCCL versions caught USR1, NVIDIA/nccl#704); INT: Ctrl-C at a terminal.
+# ``LKM_PREEMPT_SIGNALS=USR2,TERM`` (names) narrows the set where a library in the job owns one of them.
+DEFAULT_SIGNALS = ("USR1", "USR2", "TERM", "HUP", "INT")
+
+
+def handled_signals() -> tuple[signal.Signals, ...]:
+    """The signals the trainers turn into a checkpoint at the next step (``LKM_PREEMPT_SIGNALS`` or the default)."""
+    names = [n.strip().upper().removeprefix("SIG") for n in os.environ.get("LKM_PREEMPT_SIGNALS", "").split(",")
+             if n.strip()] or list(DEFAULT_SIGNALS)
+    try:
+        return tuple(signal.Signals[f"SIG{n}"] for n in names)
+    except KeyError as e:
+        raise ValueError(f"LKM_PREEMPT_SIGNALS names an unknown signal {e}; e.g. USR1,USR2,TERM,HUP,INT") from None
 
 
 class PreemptionFlag:
-    """Set by SIGUSR1/SIGUSR2/SIGTERM; read by the train loop at step boundaries."""
+    """Set by the signals of :func:`handled_signals`; read by the train loop at step boundaries.
+
+    A second Ctrl-C (SIGINT) stops at once, without a checkpoint, as Ctrl-C always does.
+    """
 
     def __init__(self) -> None:
         self.signum: int | None = None
+        self.requeued = False  # hand_over put the job back in the queue (SLURM or submitit)
         self._previous: dict[int, object] = {}
 
     def __bool__(self) -> bool:
@@ -47,13 +63,17 @@ class PreemptionFlag:
         self.signum = signum
 
     def _handler(self, signum: int, frame: FrameType | None) -> None:
+        if signum == signal.SIGINT and self.signum == signal.SIGINT:
+            raise KeyboardInterrupt  # the second Ctrl-C
         if self.signum is None:
-            log.warning("received %s: will checkpoint at the next step boundary", signal.Signals(signum).name)
+            again = "; press Ctrl-C again to stop at once, without one" if signum == signal.SIGINT else ""
+            log.warning("received %s: will checkpoint at the next step boundary and stop%s",
+                        signal.Signals(signum).name, again)
         self.signum = signum
 
     def install(self) -> PreemptionFlag:
         """Handle the signals above from now on (main thread only, as Python requires)."""
-        for sig in HANDLED:
+        for sig in handled_signals():
             self._previous[sig] = signal.signal(sig, self._handler)
         return self
 
@@ -67,12 +87,18 @@ class PreemptionFlag:
 
         Under submitit, submitit's handler for the signal does it (and exits the process).
         """
-        if not is_main or self.signum is None:
+        if self.signum is None or self.signum == signal.SIGINT:  # Ctrl-C: the person at the terminal resumes
+            return
+        if in_slurm_job():
+            # a refused requeue usually means SLURM requeued the job itself (preemption with PreemptMode=REQUEUE)
+            self.requeued = True
+        if not is_main:
             return
         prev = self._previous.get(self.signum)
         if os.environ.get("SUBMITIT_EXECUTOR") and callable(prev):
             name = signal.Signals(self.signum).name
             log.info("handing %s over to submitit (checkpoint() and requeue)", name)
+            self.requeued = True
             self.uninstall()
             prev(self.signum, None)
             return

@@ -11,6 +11,9 @@ from __future__ import annotations
 
 import enum
 import logging
+import os
+import signal
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -42,7 +45,51 @@ class RunStatus(enum.StrEnum):
 
 
 class NonFiniteLossError(RuntimeError):
-    """The loss became NaN/inf: the run stops, and its last good checkpoint stays the latest."""
+    """The run diverged (a NaN/inf loss or weights): it stops, and its last good checkpoint stays the latest."""
+
+
+def diverged(what: str, run_dir: Path, hint: str = "") -> NonFiniteLossError:
+    """The error of a diverged run, naming the checkpoint to resume from (finite weights: checked when written)."""
+    latest = ckpt.latest_checkpoint(run_dir)
+    good = f"{latest} (its weights were checked finite when it was written)" if latest else "none"
+    return NonFiniteLossError(f"the run diverged: {what}; it stopped without writing a new checkpoint. Last good "
+                              f"checkpoint: {good}. {hint or 'Lower optim.lr or check the data'}, then start again "
+                              "with the same run.dir to resume from it.")
+
+
+def short_error(e: BaseException) -> str:
+    """The message of ``e``; for an error a DataLoader worker re-raised, the original one (torch wraps it in
+    a traceback whose last line is what names the file)."""
+    text = str(e)
+    if "Original Traceback" in text:
+        last = text.strip().splitlines()[-1]
+        return last.split(": ", 1)[-1] + " (raised in a data loader worker)"
+    return text
+
+
+def run_cli(load: Callable[[], Any], run: Callable[[Any, PreemptionFlag], RunStatus],
+            errors: tuple[type[BaseException], ...]) -> int:
+    """What both stages' command lines do around a run: expected errors as one line (exit 2); a run
+    stopped by a signal says how to resume (exit 128 + the signal, or 0 when SLURM requeued the job);
+    a second Ctrl-C stops at once (exit 130)."""
+    flag = PreemptionFlag()
+    cfg = None
+    try:
+        cfg = load()
+        status = run(cfg, flag.install())
+    except errors as e:
+        print(f"error: {short_error(e)}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted at once: no new checkpoint; the same command resumes from the last one", file=sys.stderr)
+        return 130
+    finally:
+        flag.uninstall()
+    if status is RunStatus.PREEMPTED and not flag.requeued:
+        print(f"stopped by {signal.Signals(flag.signum).name}: a checkpoint is in {cfg.run.dir}; start the same "
+              "command again to resume", file=sys.stderr)
+        return 128 + int(flag.signum)
+    return 0
 
 
 @dataclass(frozen=True)
@@ -89,7 +136,14 @@ def record_config(cfg: Any, run_dir: Path) -> Path:
 
 
 def set_deterministic(on: bool) -> None:
-    """Deterministic kernels (slower) for runs that must be bit-for-bit repeatable."""
+    """Deterministic kernels (slower) for runs that must be bit-for-bit repeatable.
+
+    On CUDA, cuBLAS needs a fixed workspace for that (``CUBLAS_WORKSPACE_CONFIG``, read when its first
+    handle is made: this runs before the device is chosen); ops without a deterministic CUDA kernel
+    raise, naming the op (the stages avoid the ones they would meet: see ``segmentation_loss``).
+    """
+    if on:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     torch.backends.cudnn.benchmark = not on
     torch.use_deterministic_algorithms(on, warn_only=False)
 

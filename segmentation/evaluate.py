@@ -26,7 +26,7 @@ import json
 import logging
 import math
 import sys
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -211,15 +211,21 @@ def evaluate_dataset(model: nn.Module, dataset: SegmentationDataset, device: tor
     mine = range(env.rank, n, env.world_size)
     normalization = getattr(model, "normalization", (MEAN, STD))
     counts: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    nonfinite = 0  # images whose class scores hold NaN/inf: a diverged network, whatever its mIoU says
     images = (_EvalImages if crf is None else _GuidedEvalImages)(dataset, mine, normalization)
+    # its own generator: evaluating in the middle of training must not draw from the global RNG
     loader = torch.utils.data.DataLoader(images, batch_size=1, collate_fn=_single,
-                                         num_workers=min(num_workers, len(mine)), pin_memory=device.type == "cuda")
+                                         num_workers=min(num_workers, len(mine)), pin_memory=device.type == "cuda",
+                                         generator=torch.Generator().manual_seed(0))
 
     def network_predictions() -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+        nonlocal nonfinite
         for i, image, label in Progress(loader, len(mine), "evaluate", enabled=env.is_main,
                                         every_s=progress_every_s, logger=log):
             x = image[None].to(device, non_blocking=True).contiguous(memory_format=memory_format)
-            yield i, predict(model, x, scales, flip, window, overlap, amp_dtype).argmax(1)[0], label
+            scores_map = predict(model, x, scales, flip, window, overlap, amp_dtype)
+            nonfinite += int(not bool(torch.isfinite(scores_map).all()))
+            yield i, scores_map.argmax(1)[0], label
 
     crf_stats: dict[str, float] = {}
     if crf is None:
@@ -245,9 +251,11 @@ def evaluate_dataset(model: nn.Module, dataset: SegmentationDataset, device: tor
     scores = metrics.compute()
     scores["images"] = n
     if crf is not None:
+        nonfinite = int(crf_stats["nonfinite"])
         scores.update(crf_seconds_per_image=crf_stats["seconds"] / max(1, crf_stats["images"]),
                       crf_cpu_seconds_per_image=crf_stats["cpu_seconds"] / max(1, crf_stats["images"]),
                       crf_workers=crf_workers)
+    scores["nonfinite_images"] = int(distrib.all_reduce_sum(torch.tensor(nonfinite, device=device)))
     if per_image:
         scores["per_image"] = _gather_per_image(counts, dataset, env)
     return scores
@@ -310,6 +318,7 @@ def _crf_outputs(model: nn.Module, loader: Iterable[Any], total: int, device: to
         for i, image, label, guide in loader:
             x = image[None].to(device, non_blocking=True).contiguous(memory_format=memory_format)
             probs = predict_probabilities(model, x, **predict_kw)[0]
+            stats["nonfinite"] += int(not bool(torch.isfinite(probs).all()))
             pending[i] = (label, probs.argmax(0).cpu())
             yield i, guide, probs.cpu().numpy()
 
@@ -321,6 +330,7 @@ def _crf_outputs(model: nn.Module, loader: Iterable[Any], total: int, device: to
     stats.setdefault("seconds", 0.0)
     stats.setdefault("cpu_seconds", 0.0)
     stats.setdefault("images", 0)
+    stats.setdefault("nonfinite", 0)  # images whose class probabilities hold NaN/inf
     try:
         with CRFPool(grid, workers) as pool:
             for i, crf_preds, (seconds, cpu_seconds) in pool.map(probabilities(), on_submit=shown):
@@ -353,7 +363,7 @@ def crf_search(model: nn.Module, dataset: SegmentationDataset, device: torch.dev
     normalization = getattr(model, "normalization", (MEAN, STD))
     loader = torch.utils.data.DataLoader(_GuidedEvalImages(dataset, mine, normalization), batch_size=1,
                                          collate_fn=_single, num_workers=min(num_workers, len(mine)),
-                                         pin_memory=device.type == "cuda")
+                                         pin_memory=device.type == "cuda", generator=torch.Generator().manual_seed(0))
     plain = SegmentationMetrics(dataset.num_classes, boundary_width, device=device)  # device: NCCL all-reduces
     per_setting = [SegmentationMetrics(dataset.num_classes, boundary_width, device=device) for _ in grid]
     stats: dict[str, float] = {}
@@ -421,21 +431,24 @@ def add_crf_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("dense CRF post-processing (needs pydensecrf2: " + CRF_INSTALL + ")")
     g.add_argument("--crf", action="store_true",
                    help="dense CRF on the class probabilities (after --ms/--flip), at label resolution")
-    g.add_argument("--crf-iters", type=int, default=d.iters, help="mean-field iterations (default: %(default)s)")
-    g.add_argument("--crf-bi-w", type=float, default=d.bi_w, help="bilateral kernel weight (default: %(default)s)")
-    g.add_argument("--crf-bi-xy-std", type=float, default=d.bi_xy_std,
+    g.add_argument("--crf-iters", type=_bounded(int, 1), default=d.iters,
+                   help="mean-field iterations (default: %(default)s)")
+    g.add_argument("--crf-bi-w", type=_bounded(float, 0), default=d.bi_w,
+                   help="bilateral kernel weight (default: %(default)s)")
+    g.add_argument("--crf-bi-xy-std", type=_bounded(float, 0), default=d.bi_xy_std,
                    help="bilateral kernel spatial std, pixels (default: %(default)s)")
-    g.add_argument("--crf-bi-rgb-std", type=float, default=d.bi_rgb_std,
+    g.add_argument("--crf-bi-rgb-std", type=_bounded(float, 0), default=d.bi_rgb_std,
                    help="bilateral kernel colour std, 0-255 levels (default: %(default)s)")
-    g.add_argument("--crf-pos-w", type=float, default=d.pos_w, help="Gaussian kernel weight (default: %(default)s)")
-    g.add_argument("--crf-pos-xy-std", type=float, default=d.pos_xy_std,
+    g.add_argument("--crf-pos-w", type=_bounded(float, 0), default=d.pos_w,
+                   help="Gaussian kernel weight (default: %(default)s)")
+    g.add_argument("--crf-pos-xy-std", type=_bounded(float, 0), default=d.pos_xy_std,
                    help="Gaussian kernel spatial std, pixels (default: %(default)s)")
-    g.add_argument("--crf-workers", type=int, default=None,
+    g.add_argument("--crf-workers", type=_bounded(int, 0), default=None,
                    help="CRF processes (default: the CPUs, shared among the node's ranks; 0: in this process)")
     g.add_argument("--crf-search", action="store_true",
                    help="score a grid of bilateral-kernel settings on the first --crf-search-images images, print "
                         "the table and the best setting, write crf_search_<checkpoint>_<settings>.json (or --out)")
-    g.add_argument("--crf-search-images", type=int, default=100,
+    g.add_argument("--crf-search-images", type=_bounded(int, 0), default=100,
                    help="images of the split the search uses, from the first (DeepLab: 100; default: %(default)s)")
     for key, what in (("bi_w", "weights"), ("bi_xy_std", "spatial stds"), ("bi_rgb_std", "colour stds")):
         g.add_argument(f"--crf-grid-{key[3:].replace('_', '-')}", dest=f"crf_grid_{key}", type=parse_numbers,
@@ -480,9 +493,24 @@ def parse_scales(text: str) -> tuple[float, ...]:
         scales = tuple(float(s) for s in text.split(",") if s.strip())
     except ValueError:
         raise argparse.ArgumentTypeError(f"scales must be comma-separated numbers, got {text!r}") from None
-    if not scales or min(scales) <= 0:
-        raise argparse.ArgumentTypeError(f"scales must be positive, got {text!r}")
+    if not scales or not all(math.isfinite(s) and s > 0 for s in scales):
+        raise argparse.ArgumentTypeError(f"scales must be positive finite numbers, got {text!r}")
     return scales
+
+
+def _bounded(kind: type, low: float, high: float | None = None, high_open: bool = False) -> Callable[[str], Any]:
+    """argparse type: a ``kind`` in [low, high] (or [low, high) with ``high_open``), finite."""
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a {kind.__name__}, got {text!r}") from None
+        too_high = high is not None and (value >= high if high_open else value > high)
+        if not math.isfinite(value) or value < low or too_high:
+            upper = "" if high is None else f" and {'below' if high_open else 'at most'} {high:g}"
+            raise argparse.ArgumentTypeError(f"must be at least {low:g}{upper}, got {text!r}")
+        return value
+    return parse
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -497,16 +525,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ms", action="store_true", help=f"multi-scale inference over {MS_SCALES}")
     p.add_argument("--scales", type=parse_scales, default=None, help="explicit scales, e.g. 0.75,1,1.25")
     p.add_argument("--flip", action="store_true", help="add horizontally mirrored inputs")
-    p.add_argument("--window", type=int, default=None,
+    p.add_argument("--window", type=_bounded(int, 0), default=None,
                    help="sliding-window crop size in pixels (0 = whole image; default: the run's eval.window)")
-    p.add_argument("--overlap", type=float, default=None, help="window overlap share (default: the run's)")
-    p.add_argument("--boundary-width", type=int, default=5, help="band w in pixels for boundary accuracy")
-    p.add_argument("--max-images", type=int, default=0, help="score only the first N images (0 = all)")
+    p.add_argument("--overlap", type=_bounded(float, 0, 1, high_open=True), default=None,
+                   help="window overlap share, in [0, 1) (default: the run's)")
+    p.add_argument("--boundary-width", type=_bounded(int, 0), default=5, help="band w in pixels for boundary accuracy")
+    p.add_argument("--max-images", type=_bounded(int, 0), default=0, help="score only the first N images (0 = all)")
     p.add_argument("--save-png", type=Path, default=None, help="write colour prediction PNGs to this folder")
     p.add_argument("--out", type=Path, default=None,
                    help="JSON with all figures (default: eval_<checkpoint>_<split>[_ms][_flip]....json beside the "
                         "checkpoint; per-image counts in the .per_image.npz beside it)")
-    p.add_argument("--workers", type=int, default=2, help="data loader processes decoding images (0: in this one)")
+    p.add_argument("--workers", type=_bounded(int, 0), default=2,
+                   help="data loader processes decoding images (0: in this one)")
     p.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto")
     add_crf_arguments(p)
     return p

@@ -22,6 +22,7 @@ what ``segmentation.evaluate`` needs). Starting again with the same directory re
 from __future__ import annotations
 
 import logging
+import math
 import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -34,6 +35,7 @@ if __name__ == "__main__" and not __package__:
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from backbone.antialias import AUTO, blurred_convs
@@ -41,12 +43,14 @@ from backbone.models import check_model_name
 from backbone.weights import WeightsMismatchError, load_weights, read_state_dict
 from engine import checkpoint as ckpt
 from engine import distributed as distrib
-from engine.config import ConfigError, argument_parser, describe_keys, load_config, to_dict
+from engine.complexity import TrainFlops
+from engine.config import ConfigError, argument_parser, describe_keys, load_config, require_file, to_dict
+from engine.curves import draw_curves
 from engine.logs import MetricsWriter
 from engine.loop import TrainLoop, autocast, backward_accumulated, grouped, split_batch
 from engine.preemption import PreemptionFlag
 from engine.provenance import file_sha256, read_run_record
-from engine.runner import NonFiniteLossError, RunDirState, RunStatus, inspect_run_dir, run_stage
+from engine.runner import NonFiniteLossError, RunDirState, RunStatus, inspect_run_dir, run_cli, run_stage
 from segmentation.artifacts import FinetuneCheckpoint, FinetuneWeights, identity
 from segmentation.datasets import (
     DATASETS,
@@ -209,6 +213,25 @@ def poly_lr(base: float, it: int, total: int, power: float = 0.9) -> float:
     return base * max(0.0, 1 - it / total) ** power
 
 
+def segmentation_loss(logits: torch.Tensor, masks: torch.Tensor, deterministic: bool | None = None) -> torch.Tensor:
+    """Mean cross-entropy over the labelled pixels; 0 (not 0/0 = NaN) for a batch that is all void.
+
+    CUDA has no deterministic kernel for the 2-D ``nll_loss`` that ``cross_entropy`` uses on score maps;
+    in deterministic mode on a GPU (or with ``deterministic=True``) the same sum is taken as
+    ``-(log_softmax * one_hot)``, whose backward is deterministic.
+    """
+    labelled = masks != IGNORE_INDEX
+    if deterministic is None:
+        deterministic = logits.is_cuda and torch.are_deterministic_algorithms_enabled()
+    if deterministic:
+        log_p = logits.float().log_softmax(1)
+        target = F.one_hot(masks.where(labelled, 0), logits.shape[1]).permute(0, 3, 1, 2).to(log_p.dtype)
+        total = -(log_p * target).sum(1)[labelled].sum()
+    else:
+        total = F.cross_entropy(logits.float(), masks, ignore_index=IGNORE_INDEX, reduction="sum")
+    return total / labelled.sum().clamp(min=1)
+
+
 def param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict[str, Any]]:
     """Backbone vs new layers (lr x head_lr_mult), each with and without weight decay (BN, biases)."""
     groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
@@ -274,8 +297,9 @@ def check_inputs(cfg: FinetuneConfig) -> FinetuneInputs:
     val = build_samples(d.dataset, d.val_split, d.root, d.sbd_root or None)
     for key in ("pretrained", "init_from"):
         path = getattr(cfg.model, key)
-        if path and not path.startswith("timm") and not Path(path).is_file():
-            raise ConfigError(f"model.{key}: {path} does not exist")
+        if path and not path.startswith("timm"):
+            require_file(path, f"model.{key}", "give the final.pth of a pretraining (pretrained) or fine-tuning "
+                                               "(init_from) run")
     try:
         anti_aliasing = resolve_anti_aliasing(cfg)
     except WeightsMismatchError as e:
@@ -324,7 +348,6 @@ class Finetuner:
                     if env.distributed else self.model)
         self.optimizer = torch.optim.SGD(param_groups(self.model, cfg.optim), lr=cfg.optim.lr,
                                          momentum=cfg.optim.momentum)
-        self.criterion = nn.CrossEntropyLoss(ignore_index=IGNORE_INDEX, reduction="sum")
 
         d = cfg.data
         self.train_set = SegmentationDataset(inputs.train, self.num_classes, train_transform(
@@ -345,10 +368,14 @@ class Finetuner:
 
         self.epoch, self.step_in_epoch = 0, 0
         self.last_val: dict[str, Any] = {}
+        self.flops = TrainFlops(self.model)
         self.loop = TrainLoop(
             env=env, device=device, preempt=preempt,
-            metrics=MetricsWriter(self.run_dir / "metrics.jsonl", enabled=env.is_main), logger=log,
-            checkpoint_state=self.checkpoint_state, run_dir=self.run_dir, keep_checkpoints=cfg.run.keep_checkpoints,
+            metrics=MetricsWriter(self.run_dir / "metrics.jsonl", enabled=env.is_main,
+                                  names={"per_class_iou": list(self.classes)}), logger=log,
+            flops_per_image=lambda: self.flops(3, d.crop_size, d.crop_size),
+            models=[self.model], checkpoint_state=self.checkpoint_state, run_dir=self.run_dir,
+            keep_checkpoints=cfg.run.keep_checkpoints,
             total_steps=self.total, check_every=cfg.run.check_every_steps,
             checkpoint_every=cfg.run.checkpoint_every, log_every_s=cfg.run.log_every_s,
             nonfinite_hint="Lower optim.lr (or optim.head_lr_mult) or check the data")
@@ -399,13 +426,12 @@ class Finetuner:
             self.epoch, self.step_in_epoch = self.epoch + 1, 0
 
     def loss(self, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        """Mean cross-entropy over the labelled pixels; 0 (not 0/0 = NaN) for a batch that is all void."""
         images, masks = batch
         images = images.to(self.device, non_blocking=True).contiguous(memory_format=self.memory_format)
         masks = masks.to(self.device, non_blocking=True)
         with autocast(self.device, self.amp_dtype):
             logits = self.ddp(images)
-        return self.criterion(logits.float(), masks) / (masks != IGNORE_INDEX).sum().clamp(min=1)
+        return segmentation_loss(logits, masks)
 
     def fit(self) -> RunStatus:
         """Train to the end, or until a signal (then a checkpoint is on disk and the job requeued)."""
@@ -416,6 +442,15 @@ class Finetuner:
                      cfg.data.dataset, cfg.data.train_split, len(self.train_set), self.total, self.global_batch,
                      self.env.world_size, self.sampler.steps_per_epoch, cfg.optim.lr, cfg.optim.head_lr_mult)
         self.model.train()
+        try:
+            self.train_iterations()
+        finally:
+            self.loop.metrics.flush()
+        return RunStatus.PREEMPTED if self.loop.preempted else RunStatus.FINISHED
+
+    def train_iterations(self) -> None:
+        """The loop, as torchvision's ``train_one_epoch`` reads, over the run's remaining iterations."""
+        cfg = self.cfg
         start = self.loop.step
         for micro_batches in self.loop.steps(self.batches(), length=self.total - start, total=self.total,
                                              initial=start, desc="fine-tune"):
@@ -425,7 +460,6 @@ class Finetuner:
             step = self.loop.step + 1
             if step == self.total or (cfg.eval.every and step % cfg.eval.every == 0):
                 self.validate(step)
-        return RunStatus.PREEMPTED if self.loop.preempted else RunStatus.FINISHED
 
     def train_step(self, micro_batches: list[tuple[torch.Tensor, torch.Tensor]], lr: float) -> torch.Tensor:
         """One optimiser step over this process's share of the global batch (its micro-batches)."""
@@ -445,6 +479,12 @@ class Finetuner:
                                   per_image=False)
         self.last_val = dict(scores)
         self.loop.metrics.write(kind="val", epoch=self.epoch, step=step, split=self.cfg.data.val_split, **scores)
+        self.loop.check_validation(0.0 if scores["nonfinite_images"] == 0 else math.nan,
+                                   f"network output on {scores['nonfinite_images']} validation image(s)")
+        if self.env.is_main:  # curves.png, redrawn from metrics.jsonl
+            self.loop.metrics.flush()
+            draw_curves({f"{self.cfg.model.backbone} + {self.cfg.model.head}": self.run_dir},
+                        self.run_dir / "curves.png", f"fine-tuning ({self.run_dir.name})")
         if self.env.is_main:
             log.info("iteration %d/%d: val mIoU %.2f%%, pixel acc. %.2f%%, boundary acc. %.2f%%, internal acc. "
                      "%.2f%% (%d images)", step, self.total, 100 * scores["miou"], 100 * scores["pixel_acc"],
@@ -492,14 +532,9 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[Path | None, list[str
 
 def main(argv: Sequence[str] | None = None) -> int:
     config, overrides = parse_args(argv)
-    try:
-        cfg = load_config(FinetuneConfig, config, overrides)
-        run(cfg)
-    except (ConfigError, DatasetError, ckpt.CheckpointError, WeightsMismatchError, NonFiniteLossError,
-            FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return run_cli(lambda: load_config(FinetuneConfig, config, overrides), run,
+                   (ConfigError, DatasetError, ckpt.CheckpointError, WeightsMismatchError, NonFiniteLossError,
+                    FileNotFoundError))
 
 
 if __name__ == "__main__":

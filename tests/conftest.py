@@ -64,7 +64,36 @@ def slurm_cluster() -> dict[str, str]:
         pytest.skip(f"local SLURM cluster could not start (slurm/local/start.sh exit {proc.returncode}):\n"
                     f"{proc.stdout[-2000:]}{proc.stderr[-2000:]}")
     started = "started slurmctld" in proc.stdout
-    env = {"PATH": f"{Path(PYTHON).parent}:{os.environ['PATH']}"}
+    # SLURM_CONF names this cluster even where the environment names the 2-node one's (below)
+    env = {"PATH": f"{Path(PYTHON).parent}:{os.environ['PATH']}", "SLURM_CONF": "/etc/slurm/slurm.conf"}
     yield env
     if started:
         subprocess.run(["bash", str(ROOT / "slurm/local/stop.sh")], capture_output=True, text=True)
+
+
+SLURM_2NODE_DIR = Path(os.environ.get("LKM_SLURM2_DIR", "/tmp/lkm-slurm-2node"))
+
+
+@pytest.fixture(scope="session")
+def slurm_2node_cluster() -> dict[str, str]:
+    """A real two-node SLURM cluster on this machine (slurm/local/start_2node.sh), started once.
+
+    Nodes n1 (127.0.0.11) and n2 (127.0.0.12), one slurmd each in its own UTS namespace, one
+    slurmctld; its own config (``SLURM_CONF``, which the returned environment sets: merge it into the
+    environment of sbatch/scontrol calls, jobs inherit it) and ports, so it runs beside the
+    single-node ``slurm_cluster``. Skips, with the reason, where it cannot start (not root, no
+    slurm packages, no ``unshare``); stops at the end what this session started.
+    """
+    if os.geteuid() != 0:
+        pytest.skip("the 2-node SLURM cluster needs root (slurm/local/start_2node.sh starts daemons in "
+                    "their own UTS namespaces and writes /etc/hosts)")
+    proc = subprocess.run(["bash", str(ROOT / "slurm/local/start_2node.sh")], capture_output=True, text=True)
+    if proc.returncode != 0:
+        pytest.skip(f"2-node SLURM cluster could not start (slurm/local/start_2node.sh exit {proc.returncode}):\n"
+                    f"{proc.stdout[-2000:]}{proc.stderr[-2000:]}")
+    started = "started slurm" in proc.stdout  # slurmctld or either slurmd
+    env = {"PATH": f"{Path(PYTHON).parent}:{SLURM_2NODE_DIR / 'bin'}:{os.environ['PATH']}",
+           "SLURM_CONF": str(SLURM_2NODE_DIR / "etc/slurm.conf")}
+    yield env
+    if started:
+        subprocess.run(["bash", str(ROOT / "slurm/local/stop_2node.sh")], capture_output=True, text=True)

@@ -1,6 +1,7 @@
 """ResNet50-GCN: structure (Table 11), cost, timm conformance, weight loading and its errors."""
 from __future__ import annotations
 
+import copy
 import json
 import subprocess
 import sys
@@ -8,6 +9,7 @@ import sys
 import pytest
 import timm
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import backbone
@@ -32,8 +34,12 @@ def r50() -> nn.Module:
 
 
 @pytest.fixture(scope="module")
-def macs224(gcn, r50) -> dict[str, dict[str, int]]:
-    return {"gcn": macs_by_module(gcn, (1, 3, 224, 224)), "r50": macs_by_module(r50, (1, 3, 224, 224))}
+def macs224() -> dict[str, dict[str, int]]:
+    """MACs of the networks as pretraining trains them (anti-aliased)."""
+    from backbone.models import create_backbone
+
+    return {key: macs_by_module(create_backbone(name, anti_aliasing="blurpool"), (1, 3, 224, 224))
+            for key, name in (("gcn", "resnet50_gcn"), ("r50", "resnet50"))}
 
 
 def _convs(block: nn.Module) -> list[nn.Conv2d]:
@@ -90,6 +96,61 @@ def test_sum_merge_is_an_option():
     assert model(torch.randn(X_SMALL)).shape == (2, 1000)
     with pytest.raises(ValueError, match="merge"):
         timm.create_model("resnet50_gcn", gcn_merge="mean")
+
+
+def _reference_block(block: GCNBlock, x: torch.Tensor) -> torch.Tensor:
+    """Figure 5 B written out with functional ops on the block's own weights (eval mode, no BlurPool)."""
+
+    def cna(layer, t):  # conv -> BN (running statistics) -> ReLU
+        conv, bn = layer.conv, layer.bn
+        t = F.conv2d(t, conv.weight, stride=conv.stride, padding=conv.padding)
+        return torch.relu(F.batch_norm(t, bn.running_mean, bn.running_var, bn.weight, bn.bias, eps=bn.eps))
+
+    a = cna(block.branch_a[1], cna(block.branch_a[0], x))  # 1xk then kx1
+    b = cna(block.branch_b[1], cna(block.branch_b[0], x))  # kx1 then 1xk
+    merged = torch.cat([a, b], dim=1) if block.concat else a + b
+    y = F.batch_norm(F.conv2d(merged, block.conv.weight), block.bn.running_mean, block.bn.running_var,
+                     block.bn.weight, block.bn.bias, eps=block.bn.eps)
+    shortcut = x if block.downsample is None else block.downsample(x)
+    return torch.relu(y + shortcut)
+
+
+def _randomise_bn(module: nn.Module, seed: int) -> None:
+    """Non-trivial BN statistics and affine parameters (so no BN is the identity or zero)."""
+    g = torch.Generator().manual_seed(seed)
+    for m in module.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            with torch.no_grad():
+                for t in (m.weight, m.bias, m.running_mean):
+                    t.copy_(torch.randn(t.shape, generator=g))
+                m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) + 0.5)
+
+
+@pytest.mark.parametrize("merge", ["concat", "sum"])
+def test_gcn_block_output_values(merge):
+    """The block computes relu(BN(conv1x1(merge(A(x), B(x)))) + shortcut), branch A = 1xk->kx1, B = kx1->1xk."""
+    torch.manual_seed(0)
+    block = GCNBlock(32, 8, kernel_size=5, width=6, merge=merge).eval()  # identity shortcut (32 = 4 x 8)
+    _randomise_bn(block, 1)
+    x = torch.randn(2, 32, 9, 11)
+    with torch.no_grad():
+        out = block(x.clone())  # the block adds the shortcut in place: keep x
+        expected = _reference_block(block, x)
+    torch.testing.assert_close(out, expected)
+    assert (out >= 0).all() and (out == 0).any() and (out > 0).any()  # the closing ReLU clips
+
+
+def test_strided_gcn_block_in_resnet50_gcn_output_values(gcn):
+    """A stage's first block (stride 2 on each branch's first conv, projection shortcut), inside the model."""
+    block = copy.deepcopy(gcn.layer4[0])  # the fixture is shared: change a copy
+    assert block.downsample is not None and isinstance(block.aa, nn.Identity)
+    _randomise_bn(block, 2)  # zero_init_last: the last BN scale starts at 0, which would hide the branches
+    x = torch.randn(1, 1024, 8, 6)
+    with torch.no_grad():
+        out = block(x.clone())
+        expected = _reference_block(block, x)
+    assert out.shape == (1, 2048, 4, 3)
+    torch.testing.assert_close(out, expected)
 
 
 # ---- cost ---------------------------------------------------------------------------------------
@@ -285,3 +346,108 @@ def test_unreadable_file_is_named(tmp_path):
     bad.write_bytes(b"PK\x03\x04 not really a checkpoint")
     with pytest.raises(WeightsMismatchError, match="cannot read checkpoint .*truncated.pth"):
         backbone.read_state_dict(bad)
+
+
+# ---- the trained network, rebuilt by every consumer (issue: BlurPool was dropped at transfer) ------------
+
+def _trained(name: str, anti_aliasing: str | None) -> nn.Module:
+    """A network built as pretraining builds it, with BN statistics that make eval mode differ from train."""
+    from backbone.train import ModelConfig, create_model
+
+    torch.manual_seed(0)
+    model = create_model(ModelConfig(name=name, blurpool=anti_aliasing is not None), num_classes=5)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.1, 0.1)
+                m.running_var.uniform_(0.5, 1.5)
+    return model.eval()
+
+
+def _write_final(model: nn.Module, name: str, anti_aliasing: str | None, path) -> None:
+    from backbone.artifacts import FinalWeights
+
+    FinalWeights(state_dict=model.state_dict(), model_name=name, num_classes=5,
+                 pretrained_cfg=dict(model.pretrained_cfg), model_kwargs={"anti_aliasing": anti_aliasing}).save(path)
+
+
+def _stage_outputs(model: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
+    """res-2..res-5 of a timm ResNet, computed through the classification model itself."""
+    y = model.maxpool(model.act1(model.bn1(model.conv1(x))))
+    out = []
+    for layer in (model.layer1, model.layer2, model.layer3, model.layer4):
+        y = layer(y)
+        out.append(y)
+    return out
+
+
+@pytest.mark.parametrize("name", ["resnet50", "resnet50_gcn"])
+@pytest.mark.parametrize("anti_aliasing", [None, "blurpool"])
+def test_every_consumer_rebuilds_the_trained_network(name, anti_aliasing, tmp_path):
+    from backbone.antialias import anti_aliasing_of
+    from backbone.artifacts import load_backbone
+    from segmentation.network import build_segmentation_model
+
+    trained = _trained(name, anti_aliasing)
+    assert anti_aliasing_of(trained) == anti_aliasing
+    path = tmp_path / "final.pth"
+    _write_final(trained, name, anti_aliasing, path)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        logits = trained(x)
+        rebuilt, _ = load_backbone(path)  # the project's route, any architecture
+        torch.testing.assert_close(rebuilt.eval()(x), logits, rtol=0, atol=0)
+        # the segmentation encoder: res-2..res-5 of the trained network, exactly
+        encoder = build_segmentation_model(name, "baseline", num_classes=3, kernel_size=3, pretrained=path).encoder
+        for got, want in zip(encoder.eval()(x), _stage_outputs(trained, x), strict=True):
+            torch.testing.assert_close(got, want, rtol=0, atol=0)
+        if name == "resnet50_gcn":  # ours: both timm routes follow the weights
+            by_file = timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=str(path)))
+            torch.testing.assert_close(by_file.eval()(x), logits, rtol=0, atol=0)
+            by_ckpt = timm.create_model(name, num_classes=5, checkpoint_path=str(path))
+            torch.testing.assert_close(by_ckpt.eval()(x), logits, rtol=0, atol=0)
+        elif anti_aliasing is None:  # timm's own resnet50 loads plain weights as it always did
+            by_file = timm.create_model(name, pretrained=True, num_classes=5,
+                                        pretrained_cfg_overlay=dict(file=str(path), num_classes=5))
+            torch.testing.assert_close(by_file.eval()(x), logits, rtol=0, atol=0)
+        else:  # ... and cannot build the blur: it refuses the weights rather than ignore it
+            with pytest.raises(RuntimeError, match="blur_filter"):
+                timm.create_model(name, pretrained=True, num_classes=5,
+                                  pretrained_cfg_overlay=dict(file=str(path), num_classes=5))
+
+
+def test_a_conflicting_construction_is_an_error(tmp_path):
+    from backbone.artifacts import load_backbone
+    from segmentation.network import build_segmentation_model
+
+    path = tmp_path / "final.pth"
+    _write_final(_trained("resnet50_gcn", "blurpool"), "resnet50_gcn", "blurpool", path)
+    with pytest.raises(WeightsMismatchError, match="trained with anti-aliasing.*anti_aliasing=None"):
+        timm.create_model("resnet50_gcn", anti_aliasing="none", pretrained=True,
+                          pretrained_cfg_overlay=dict(file=str(path)))
+    with pytest.raises(WeightsMismatchError, match="anti_aliasing=None"):
+        load_backbone(path, anti_aliasing=None)
+    with pytest.raises(WeightsMismatchError, match="anti_aliasing=None"):
+        build_segmentation_model("resnet50_gcn", "baseline", num_classes=3, pretrained=path, anti_aliasing=None)
+    plain = tmp_path / "plain.pth"
+    _write_final(_trained("resnet50_gcn", None), "resnet50_gcn", None, plain)
+    with pytest.raises(WeightsMismatchError, match="trained without anti-aliasing"):
+        timm.create_model("resnet50_gcn", anti_aliasing="blurpool", checkpoint_path=str(plain))
+
+
+def test_one_anti_aliasing_for_both_backbones_is_cost_neutral():
+    from backbone.antialias import BlurConv2d
+
+    for name in ("resnet50", "resnet50_gcn"):
+        model = _trained(name, "blurpool")
+        blurred = {n for n, m in model.named_modules() if isinstance(m, BlurConv2d)}
+        strided = {n for n, m in model.named_modules()
+                   if isinstance(m, nn.Conv2d) and max(m.stride) > 1 and m.in_channels >= 16}
+        # every strided conv with >= 16 inputs is blurred, projections included, and keeps its stride
+        assert blurred == strided and any(n.endswith("downsample.0") for n in blurred)
+        assert all(max(model.get_submodule(n).stride) == 2 for n in blurred)
+    plain = {n: macs_by_module(_trained(n, None), (1, 3, 224, 224))[""] for n in ("resnet50", "resnet50_gcn")}
+    aa = {n: macs_by_module(_trained(n, "blurpool"), (1, 3, 224, 224))[""] for n in ("resnet50", "resnet50_gcn")}
+    for n in plain:  # the blur is a depthwise 3x3 per strided conv: under 1 % of the network
+        assert plain[n] < aa[n] < 1.01 * plain[n]
+    assert abs(aa["resnet50_gcn"] / aa["resnet50"] - 1) < 0.10  # as trained, still within 10 %

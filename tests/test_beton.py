@@ -426,6 +426,53 @@ def test_writer_errors(case, expected, tree, tmp_path, capsys):
         assert "n00000002" in err
 
 
+class _Listing:
+    """What os.scandir returns (an iterator and a context manager), over given entries."""
+
+    def __init__(self, entries):
+        self._it = iter(entries)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        return next(self._it)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def close(self):
+        pass
+
+
+def test_scan_orders_classes_and_files_by_name_whatever_the_directory_order(tmp_path, monkeypatch):
+    root = tmp_path / "train"
+    for cls in ("zebra", "apple", "mango"):  # created out of order
+        for name in ("img_2.JPEG", "img_10.JPEG", "img_1.png", "notes.txt"):
+            (root / cls).mkdir(parents=True, exist_ok=True)
+            (root / cls / name).write_bytes(b"")
+    (root / "apple" / "sub").mkdir()
+    (root / "apple" / "sub" / "img_0.jpg").write_bytes(b"")
+    (root / "README").write_text("not a class")
+    real_scandir = os.scandir
+
+    def reverse_scandir(path="."):  # a file system that lists in reverse name order (os.walk uses it too)
+        with real_scandir(path) as it:
+            return _Listing(sorted(it, key=lambda e: e.name, reverse=True))
+
+    monkeypatch.setattr(os, "scandir", reverse_scandir)
+    scan = wb.scan_imagefolder(root)
+    assert scan.classes == ["apple", "mango", "zebra"]
+    assert scan.class_to_idx == {"apple": 0, "mango": 1, "zebra": 2}
+    files = ["img_1.png", "img_10.JPEG", "img_2.JPEG"]  # string order, as torchvision's ImageFolder
+    expected = [(root / "apple" / f, 0) for f in files] + [(root / "apple" / "sub" / "img_0.jpg", 0)]
+    expected += [(root / c / f, i) for i, c in ((1, "mango"), (2, "zebra")) for f in files]
+    assert scan.samples == expected
+
+
 def test_writer_help(capsys):
     with pytest.raises(SystemExit) as exit_info:
         wb.main(["--help"])

@@ -3,7 +3,9 @@ staged initialisation, the evaluator's CLI and fusion, bad input, and a 2-task j
 from __future__ import annotations
 
 import json
+import math
 import os
+import random
 import re
 import shutil
 import subprocess
@@ -14,14 +16,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from seg_fixtures import make_voc
-from signal_after import SignalAfter
+from signal_after import RandomDraws, SignalAfter
 
 from backbone.weights import WeightsMismatchError
 from engine import checkpoint as ckpt
 from engine.config import ConfigError, load_config
 from engine.logs import read_metrics
+from engine.runner import NonFiniteLossError
 from segmentation import evaluate
 from segmentation.artifacts import SEG_TRAIN_FORMAT
 from segmentation.datasets import voc_palette
@@ -35,6 +39,7 @@ from segmentation.finetune import (
     param_groups,
     poly_lr,
     run,
+    segmentation_loss,
 )
 from segmentation.network import build_segmentation_model
 
@@ -84,6 +89,25 @@ def test_poly_lr_param_groups_and_sampler() -> None:
     assert list(ranks[0]) == a[6:]
     ranks[0].set_epoch(2)
     assert [i for i, _ in ranks[0]] != [i for i, _ in a]
+    # every sample of every rank and epoch gets its own augmentation seed
+    seeds = []
+    for epoch in (1, 2):
+        for s in ranks:
+            s.set_epoch(epoch)
+            seeds += [seed for _, seed in s]
+    assert len(seeds) == 36 and len(set(seeds)) == 36
+
+
+def test_segmentation_loss_is_the_mean_over_labelled_pixels() -> None:
+    torch.manual_seed(0)
+    logits = torch.randn(2, 3, 2, 3)
+    masks = torch.tensor([[[0, 1, 255], [2, 2, 255]], [[255, 255, 255], [1, 0, 255]]])
+    log_p = logits.double().log_softmax(1)
+    labelled = [(n, y, x) for n in range(2) for y in range(2) for x in range(3) if masks[n, y, x] != 255]
+    expected = -sum(float(log_p[n, masks[n, y, x], y, x]) for n, y, x in labelled) / len(labelled)
+    assert len(labelled) == 6 and float(segmentation_loss(logits, masks)) == pytest.approx(expected, rel=1e-6)
+    all_void = torch.full_like(masks, 255)
+    assert float(segmentation_loss(logits, all_void)) == 0.0
 
 
 # --- the tiny run ---------------------------------------------------------------------------------------
@@ -95,6 +119,8 @@ def test_overfits_a_handful_of_images(overfit: Path) -> None:
     assert [r["step"] for r in val] == [25, 50]
     assert val[-1]["miou"] > 0.9, val[-1]
     assert {"pixel_acc", "boundary_acc", "internal_acc", "per_class_iou"} <= val[-1].keys()
+    assert all({"img_per_s", "img_per_s_per_process", "data_wait", "mfu"} <= r.keys() for r in train)
+    assert (overfit / "curves.png").exists() and list(overfit.glob("events.out.tfevents.*"))
     assert train[-1]["loss"] < train[0]["loss"] / 5 and train[-1]["lr"] < train[0]["lr"]
     final = torch.load(overfit / "final.pth", weights_only=True)
     assert final["format"] == "lkm-seg-weights-v2" and final["val"]["miou"] == val[-1]["miou"]
@@ -145,13 +171,64 @@ def test_window_fusion_and_multiscale_prediction() -> None:
         assert ms.shape == (1, 4, 37, 90) and torch.allclose(ms.sum(1), torch.full((1, 37, 90), 3.0), atol=1e-4)
 
 
+def test_multiscale_flip_prediction_by_hand() -> None:
+    """Each scale sees the image resized to round(s x H) x round(s x W), each flip the mirrored image;
+    class probabilities, resized back (and mirrored back), are summed."""
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(3, 4, 3, padding=1)  # not mirror-symmetric: a flip that is not undone shows
+    seen: list[torch.Tensor] = []
+
+    def model(x: torch.Tensor) -> torch.Tensor:
+        seen.append(x.clone())
+        return conv(x)
+
+    x = torch.randn(1, 3, 37, 90)
+    with torch.no_grad():
+        got = evaluate.predict(model, x, scales=(0.5, 1.0, 1.5), flip=True)
+        expected = torch.zeros(1, 4, 37, 90)
+        for size in ((18, 45), (37, 90), (56, 135)):  # round(18.5) = 18 (half to even), round(55.5) = 56
+            xs = x if size == (37, 90) else F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+            for mirror in (False, True):
+                out = conv(xs[..., torch.arange(size[1] - 1, -1, -1)] if mirror else xs)
+                if mirror:
+                    out = out[..., torch.arange(size[1] - 1, -1, -1)]
+                if size != (37, 90):
+                    out = F.interpolate(out, size=(37, 90), mode="bilinear", align_corners=False)
+                expected += out.softmax(1)
+    assert [tuple(v.shape[-2:]) for v in seen] == [(18, 45), (18, 45), (37, 90), (37, 90), (56, 135), (56, 135)]
+    assert torch.equal(seen[3], torch.flip(seen[2], dims=[3])) and torch.equal(seen[2], x)
+    torch.testing.assert_close(got, expected)
+    # one scale, no flip: the raw logits
+    torch.testing.assert_close(evaluate.predict(conv, x), conv(x))
+
+
+def test_window_logits_average_overlapping_crops() -> None:
+    torch.manual_seed(0)
+    x = torch.randn(1, 3, 20, 50)
+
+    def model(crop: torch.Tensor) -> torch.Tensor:  # depends on where the crop starts: overlaps differ
+        return crop[:, :2] + crop.mean()
+
+    with torch.no_grad():
+        got = evaluate.window_logits(model, x, window=20, overlap=0.5)  # crops start at 0, 10, 20, 30
+        total = torch.zeros(1, 2, 20, 50)
+        count = torch.zeros(50)
+        for left in (0, 10, 20, 30):
+            total[..., left:left + 20] += model(x[..., left:left + 20])
+            count[left:left + 20] += 1
+    assert count.tolist() == [1] * 10 + [2] * 30 + [1] * 10
+    torch.testing.assert_close(got, total / count)
+
+
 # --- resume after interruption ---------------------------------------------------------------------------
 @pytest.mark.slow
 def test_interrupted_run_resumes_to_identical_weights(devkit: Path, tmp_path: Path,
                                                       caplog: pytest.LogCaptureFixture) -> None:
     short = ("train.iterations=8", "eval.every=0", "run.checkpoint_every=3", "data.global_batch=2")
     # Float sums depend on the CPU thread count (and importing ffcv elsewhere in the suite changes this
-    # process's), so the subprocess and this process run with one thread each.
+    # process's), so the subprocess and this process run with one thread each. The subprocess needs
+    # MKL_NUM_THREADS as well as OMP_NUM_THREADS: torch takes its default thread count from
+    # MKL_NUM_THREADS when that is set, whatever OMP_NUM_THREADS says.
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -166,7 +243,7 @@ def _interrupt_and_resume(devkit: Path, tmp_path: Path, caplog: pytest.LogCaptur
     proc = subprocess.run([sys.executable, "segmentation/finetune.py", "--config", str(TINY), "--backbone",
                            "resnet10t", "--head", "gcn_br", f"data.root={devkit}", f"run.dir={straight}", *short],
                           cwd=ROOT, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+                          env={**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "finished:" in proc.stderr
 
@@ -184,6 +261,78 @@ def _interrupt_and_resume(devkit: Path, tmp_path: Path, caplog: pytest.LogCaptur
     assert [k for k in a["state_dict"] if not torch.equal(a["state_dict"][k], b["state_dict"][k])] == []
     assert a["val"]["miou"] == b["val"]["miou"]
     assert run(tiny(devkit, run_dir, *short)) == "done before"
+
+
+@pytest.fixture(scope="module")
+def short_runs(devkit: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """4 iterations (3 per epoch) with head_lr_mult 4 and power 0.5: straight, and interrupted after
+    iteration 2 then resumed; each with a RandomDraws flag, and the RNG state of the checkpoint resumed from."""
+    base = tmp_path_factory.mktemp("short")
+    short = ("train.iterations=4", "eval.every=0", "run.checkpoint_every=2", "run.check_every_steps=1",
+             "data.global_batch=2", "data.crop_size=32", "optim.head_lr_mult=4", "optim.power=0.5")
+    out = {"straight": base / "straight", "interrupted": base / "interrupted"}
+    flags = {"straight": RandomDraws(), "first": RandomDraws(1), "second": RandomDraws()}
+    assert run(tiny(devkit, out["straight"], *short), preempt=flags["straight"]) == "finished"
+    assert run(tiny(devkit, out["interrupted"], *short), preempt=flags["first"]) == "preempted"
+    saved = ckpt.latest_checkpoint(out["interrupted"])
+    out["saved_step"] = ckpt.peek_checkpoint(saved)["step"]
+    out["saved_rng"] = torch.load(saved, weights_only=True)["rng"][0]
+    assert run(tiny(devkit, out["interrupted"], *short), preempt=flags["second"]) == "finished"
+    out["draws"] = {k: f.draws for k, f in flags.items()}
+    return out
+
+
+@pytest.mark.slow
+def test_resume_restores_the_random_streams(short_runs: dict) -> None:
+    draws, saved = short_runs["draws"], short_runs["saved_rng"]
+    assert short_runs["saved_step"] == 2 and len(draws["first"]) == 2
+    assert len(draws["first"]) + len(draws["second"]) == len(draws["straight"]) == 4
+    # torch's stream (seeded by the trainer) goes on as in the straight run, not from the seed again
+    assert [d[2] for d in draws["first"] + draws["second"]] == [d[2] for d in draws["straight"]]
+    # and all three go on from the states the checkpoint holds
+    version, internal, gauss = saved["python"]
+    python = random.Random()
+    python.setstate((version, tuple(internal), gauss))
+    n = saved["numpy"]
+    numpy = np.random.RandomState()
+    numpy.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"]))
+    generator = torch.Generator()
+    generator.set_state(saved["torch"])
+    expected = [(python.random(), float(numpy.rand()), float(torch.rand((), generator=generator)))
+                for _ in draws["second"]]
+    assert draws["second"] == expected
+
+
+@pytest.mark.slow
+def test_poly_lr_and_head_lr_mult_reach_the_optimiser(short_runs: dict) -> None:
+    # lr 0.01 x (1 - it / 4) ^ 0.5 at iteration it = 0..3 (the step logged as it + 1); new layers x 4
+    def expected(it: int) -> float:
+        return 0.01 * math.sqrt(1 - it / 4)
+
+    for name in ("straight", "interrupted"):
+        train = [r for r in read_metrics(short_runs[name] / "metrics.jsonl") if r["kind"] == "train"]
+        assert [r["step"] for r in train] == list(range(1, 5))
+        assert [r["lr"] for r in train] == pytest.approx([expected(it) for it in range(4)], rel=1e-9)
+    paths = ckpt.list_checkpoints(short_runs["straight"])
+    assert [ckpt.peek_checkpoint(p)["step"] for p in paths] == [2, 4]
+    for path in paths:
+        state = torch.load(path, weights_only=False)
+        lr = expected(state["step"] - 1)
+        groups = {g["name"]: g for g in state["optimizer"]["param_groups"]}
+        assert set(groups) == {"backbone", "backbone_no_decay", "head", "head_no_decay"}
+        assert groups["backbone"]["lr"] == pytest.approx(lr) and groups["backbone_no_decay"]["lr"] == pytest.approx(lr)
+        assert groups["head"]["lr"] == pytest.approx(4 * lr) and groups["head_no_decay"]["lr"] == pytest.approx(4 * lr)
+        assert [groups[k]["weight_decay"] for k in ("backbone", "backbone_no_decay", "head", "head_no_decay")] \
+            == [1e-4, 0.0, 1e-4, 0.0]
+        assert all(g["momentum"] == 0.9 for g in groups.values())
+
+
+def test_non_finite_loss_stops_the_run(devkit: Path, tmp_path: Path) -> None:
+    run_dir = tmp_path / "diverging"
+    with pytest.raises(NonFiniteLossError, match=r"non-finite training loss before step \d.*checkpoint: none"):
+        run(tiny(devkit, run_dir, "train.iterations=3", "eval.every=0", "run.check_every_steps=1",
+                 "data.global_batch=2", "optim.lr=1e30"))
+    assert ckpt.list_checkpoints(run_dir) == [] and not (run_dir / "final.pth").exists()
 
 
 # --- stages and bad input ---------------------------------------------------------------------------------

@@ -16,9 +16,10 @@ import time
 from pathlib import Path
 
 import pytest
-import timm
 import torch
 
+from backbone.antialias import anti_aliasing_of
+from backbone.artifacts import load_backbone
 from engine.logs import read_metrics
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
@@ -66,10 +67,10 @@ def submitit_run(slurm_cluster: dict, pretrain_betons: dict[str, Path],
     return base / "run"
 
 
-def test_submitit_job_finishes_and_final_loads_through_timm(submitit_run: Path) -> None:
+def test_submitit_job_finishes_and_final_loads_as_trained(submitit_run: Path) -> None:
     final = torch.load(submitit_run / "final.pth", weights_only=True)
-    model = timm.create_model("resnet18", pretrained=True, num_classes=4, aa_layer=timm.layers.BlurPool2d,
-                              pretrained_cfg_overlay=dict(file=str(submitit_run / "final.pth"), num_classes=4))
+    model, _ = load_backbone(submitit_run / "final.pth")  # resnet18 with the blur it was trained with
+    assert anti_aliasing_of(model) == "blurpool" and final["provenance"]["world_size"] == 2
     assert all(torch.equal(v, final["state_dict"][k]) for k, v in model.state_dict().items())
 
 

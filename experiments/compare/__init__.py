@@ -5,48 +5,79 @@
     python -m experiments.compare --config configs/table6.yaml --collect          # gather only
     python -m experiments.compare --config configs/table6.yaml --dry-run          # show the plan
 
-The matrix is {backbones} x {heads} (Table 6: resnet50, resnet50_gcn x baseline, gcn_br). Each
-backbone is pretrained once (``backbone.train``), each (backbone, head) pair is fine-tuned from that
-backbone's ``final.pth`` (``segmentation/finetune.py``), each fine-tune is evaluated
-(``segmentation.evaluate``), and the results are collected. Everything lives under ``output``::
+The matrix is {backbones} x {heads} x {seeds} (Table 6: resnet50, resnet50_gcn x baseline, gcn_br).
+Each backbone is pretrained once per seed (``backbone.train``, ``train.seed``), each (backbone, head,
+seed) is fine-tuned from that backbone's ``final.pth`` of the same seed (``segmentation/finetune.py``),
+each fine-tune is evaluated (``segmentation.evaluate``), and the results are collected: each cell as
+mean ± standard deviation over seeds, each comparison of the paper as a difference with a 95 %
+interval (hierarchical paired bootstrap over seeds and validation images) and a verdict. Everything
+lives under ``output``::
 
-    pretrain/<backbone>/            a pretraining run directory (config.yaml, metrics.jsonl, final.pth)
-    finetune/<backbone>_<head>/     a fine-tuning run directory, + eval_<split>*.json, predictions/
-    table6.md, table6.json          the table (ours beside the paper's) and every figure with its source
-    table6.png                      the same as a bar chart
-    figure6_<backbone>.png          input | one column per head | ground truth, per image (Figure 6)
-    figure3/receptive_field.png     valid receptive field of every fine-tuned network (Figure 3)
-    logs/                           SLURM job logs; jobs.json: the job ids submitted per run
+    pretrain/<backbone>/seed<s>/          a pretraining run directory (config.yaml, run.json, final.pth,
+                                          eval_imagenet_224_crop0.875.json)
+    finetune/<backbone>_<head>/seed<s>/   a fine-tuning run directory, + eval_final_<settings>.json
+                                          (and .per_image.npz), predictions/
+    table6.md, table6.json                the table, the comparisons, every figure with its provenance
+    table6.png, per_image_difference.png  the table as bars with error bars; where the headline helps/hurts
+    figure6_<backbone>.png                input | one column per head | ground truth, per image (Figure 6)
+    figure3/receptive_field.png           valid receptive field of every fine-tuned network (Figure 3)
+    logs/                                 SLURM job logs; jobs.json: the job ids submitted per run
 
-Finished runs (a ``final.pth``) are reused, unfinished ones resume from their last checkpoint, and
-a run directory whose recorded config differs from the planned one is an error that names the
-differing keys (rather than a table mixing two recipes). Launchers: ``local`` runs the stages one
-after the other in subprocesses; ``sbatch`` submits one job per run with ``slurm/imagenet_pretrain.sh``
-and ``slurm/segmentation_finetune.sh`` (``--dependency=afterok``: a fine-tune starts when its
-backbone's pretraining has finished), then a collect job (``--collect``) after all of them.
+Finished runs (a ``final.pth``) are reused, unfinished ones resume from their last checkpoint. A run
+directory whose record differs from the plan (config keys, world size, global batch) is an error that
+names them; a fine-tune whose backbone weights have changed since is moved aside and trained again;
+scores are recomputed when they belong to other weights or settings. Launchers: ``local`` runs the
+stages one after the other (one process per GPU through torchrun on a multi-GPU machine); ``sbatch``
+submits one job per run with ``slurm/imagenet_pretrain.sh`` and ``slurm/segmentation_finetune.sh``
+(``--dependency=afterok``: a fine-tune starts when the pretraining of its backbone and seed has
+finished), then a collect job (``--collect``) after all of them.
 
 Modules, in the order a call goes through them: ``config`` (the schema), ``plan`` (the runs, recipe
 drift, the checks before anything starts), ``launch`` (local runs; SLURM jobs, ``jobs.json``, waiting),
-``collect`` (evaluation, records with their sources, the files written), ``table`` (the paper's
-figures, markdown), ``cli`` (``main``).
+``collect`` (evaluation, records with their provenance, seeds aggregated, comparisons, the files written),
+``stats`` (summaries over seeds, the bootstrap, verdicts), ``table`` (the paper's figures, markdown),
+``cli`` (``main``).
 """
 from __future__ import annotations
 
 from experiments import ROOT
 
 from .cli import build_parser, main, print_summary
-from .collect import chance_miou, collect, eval_json, evaluate_runs, finetune_record, gather, pretrain_record
-from .config import CompareConfig, EvaluateConfig, FiguresConfig, LaunchConfig, ResourceConfig, StageConfig
+from .collect import (
+    aggregate,
+    chance_miou,
+    collect,
+    comparisons,
+    eval_json,
+    evaluate_runs,
+    finetune_record,
+    gather,
+    pretrain_record,
+)
+from .config import (
+    CompareConfig,
+    EvaluateConfig,
+    FiguresConfig,
+    LaunchConfig,
+    PretrainStageConfig,
+    ResourceConfig,
+    StageConfig,
+    StatsConfig,
+)
 from .launch import run_local, submit_sbatch, wait_for_table
-from .plan import NOT_RECIPE, Run, StageFailed, check_plan, plan, recipe_drift
+from .plan import LAUNCHER_KEYS, Run, StageFailed, check_plan, move_aside, not_recipe, plan, recipe_drift, stale_reason
+from .stats import Difference, Summary, format_difference, paired_bootstrap, summarize, verdict
 from .table import PAPER_TABLE6, table_markdown, table_rows
 
 __all__ = [
-    "ROOT", "PAPER_TABLE6", "NOT_RECIPE",
-    "CompareConfig", "StageConfig", "EvaluateConfig", "FiguresConfig", "ResourceConfig", "LaunchConfig",
-    "Run", "StageFailed", "plan", "recipe_drift", "check_plan",
+    "ROOT", "PAPER_TABLE6", "LAUNCHER_KEYS",
+    "CompareConfig", "StageConfig", "PretrainStageConfig", "EvaluateConfig", "StatsConfig", "FiguresConfig",
+    "ResourceConfig", "LaunchConfig",
+    "Run", "StageFailed", "plan", "not_recipe", "recipe_drift", "stale_reason", "move_aside", "check_plan",
     "run_local", "submit_sbatch", "wait_for_table",
-    "eval_json", "evaluate_runs", "pretrain_record", "finetune_record", "chance_miou", "gather", "collect",
+    "eval_json", "evaluate_runs", "pretrain_record", "finetune_record", "aggregate", "comparisons", "chance_miou",
+    "gather", "collect",
+    "Summary", "Difference", "summarize", "paired_bootstrap", "verdict", "format_difference",
     "table_rows", "table_markdown",
     "build_parser", "print_summary", "main",
 ]

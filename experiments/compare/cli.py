@@ -21,7 +21,7 @@ from engine.logs import setup_logging
 from .collect import collect
 from .config import CompareConfig
 from .launch import run_local, submit_sbatch, wait_for_table
-from .plan import Run, StageFailed, check_plan, plan
+from .plan import Run, StageFailed, check_plan, move_aside, plan, stale_reason
 
 __all__ = ["build_parser", "print_summary", "main"]
 
@@ -56,11 +56,29 @@ def print_summary(result: dict[str, Any]) -> None:
         print(f"  {key:<22} {path}")
 
 
-def print_local_plan(runs: Sequence[Run]) -> None:
+def print_local_plan(runs: Sequence[Run], stale: dict[Path, str]) -> None:
     """--dry-run with the local launcher: each run's state and command line."""
     for run in runs:
-        state = "finished, reused" if run.finished else "to run"
+        state = "stale, would be moved aside and rerun" if run.dir in stale else \
+            "finished, reused" if run.finished else "to run"
         print(f"{run.name} ({state}):\n  {shlex.join(run.command())}")
+
+
+def handle_stale(runs: Sequence[Run], move: bool) -> dict[Path, str]:
+    """Fine-tunes trained from backbone weights that are not their pretraining's current final.pth: moved
+    aside (``<dir>.stale-<n>``, never deleted) so that they are retrained, or, without ``move`` (--collect,
+    --dry-run), only named. Returns {dir: reason} of those not moved."""
+    left: dict[Path, str] = {}
+    for run in runs:
+        reason = stale_reason(run)
+        if reason is None:
+            continue
+        if move:
+            print(f"{run.name} is stale ({reason}): moved to {move_aside(run)}, it runs again", flush=True)
+        else:
+            print(f"{run.name} is stale ({reason})", flush=True)
+            left[run.dir] = reason
+    return left
 
 
 def launch_sbatch(cfg: CompareConfig, runs: Sequence[Run], args: argparse.Namespace, overrides: list[str]) -> None:
@@ -85,15 +103,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         cfg = load_config(CompareConfig, args.config, overrides)
         runs = plan(cfg)
-        check_plan(runs, data=not (args.no_check or args.collect))
+        stale = handle_stale(runs, move=not (args.collect or args.dry_run))
+        check_plan(runs, data=not (args.no_check or args.collect), skip_recipe=stale)
         if args.dry_run and cfg.launch.launcher == "local":
-            print_local_plan(runs)
+            print_local_plan(runs, stale)
         elif not args.collect and cfg.launch.launcher == "sbatch":
             launch_sbatch(cfg, runs, args, overrides)
         else:
             if not args.collect:
                 run_local(runs)
-            print_summary(collect(cfg, runs))
+            print_summary(collect(cfg, runs, stale))
     except (ConfigError, CheckpointError, StageFailed, ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

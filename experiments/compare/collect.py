@@ -1,43 +1,95 @@
-"""Collect: evaluate the finished fine-tunes, gather every figure with its source, write table and figures.
+"""Collect: score what has finished, gather every figure with its provenance, aggregate the seeds, compare,
+and write the table and the figures.
 
-``evaluate_runs`` scores each finished fine-tune whose score file is missing or older than its
-weights; ``pretrain_record`` / ``finetune_record`` read one run's figures and name the file they come
-from; ``gather`` makes the JSON record of the whole table; ``collect`` does all of it and writes
-``table6.md``, ``table6.json``, ``table6.png`` and the figures.
+Reuse is decided by content, never by file times. A fine-tune's score file
+(``segmentation.evaluate.score_path``: ``eval_final_<settings>.json`` and its ``.per_image.npz``) is
+reused when it records the SHA-256 of the current ``final.pth`` and the settings asked for, else the
+fine-tune is evaluated again. A pretraining's ImageNet score under Table 6's protocol
+(``backbone.evaluate``: ``eval_imagenet_224_crop0.875.json``) is reused when it names the current
+``final.pth`` by hash, the protocol and the validation data, else ``backbone.evaluate`` runs again.
+
+``gather`` reads one record per run and seed (each naming the weights by hash, the evaluation settings,
+and from ``run.json`` the recipe hash, world size, global batch, seed and code version), aggregates the
+seeds of each cell (mean ± standard deviation, n) and makes every comparison of the paper with a
+confidence interval (``stats.paired_bootstrap``); ``collect`` writes ``table6.md``, ``table6.json``,
+``table6.png`` and the figures.
 """
 from __future__ import annotations
 
 import contextlib
 import json
-from collections.abc import Sequence
+import os
+import subprocess
+import sys
+from collections.abc import Collection, Sequence
 from pathlib import Path
 from typing import Any
 
-from engine.logs import read_metrics
+import numpy as np
 
+from engine.logs import read_metrics
+from engine.provenance import file_sha256, read_run_record
+
+from . import stats
 from .config import CompareConfig, EvaluateConfig
 from .plan import Run, StageFailed
-from .table import PAPER_TABLE6, table_markdown
+from .table import PAPER_TABLE6, display, table_markdown
 
-__all__ = ["eval_json", "evaluate_runs", "pretrain_record", "finetune_record", "chance_miou", "gather", "collect"]
+__all__ = ["eval_settings", "eval_json", "score_problem", "evaluate_runs", "imagenet_problem", "evaluate_imagenet",
+           "provenance", "pretrain_record", "finetune_record", "aggregate", "comparisons", "chance_miou", "gather",
+           "collect", "PRETRAIN_KEYS", "FINETUNE_KEYS"]
+
+PRETRAIN_KEYS = ("top5_error", "top1_error", "ffcv_top5_error", "ffcv_top1_error")
+FINETUNE_KEYS = ("miou", "pixel_acc", "boundary_acc", "internal_acc")
+RUN_FIELDS = ("recipe_hash", "world_size", "global_batch", "seed", "code_version")
 
 
-def eval_json(run: Run, ev: EvaluateConfig, split: str) -> Path:
-    """The score file of a fine-tune for ``split``, named after the evaluation's settings."""
-    suffix = ("_ms" if ev.ms else "") + ("_flip" if ev.flip else "")
-    return run.dir / f"eval_{split}{suffix}.json"
+def _pct(x: float | None) -> float | None:
+    return None if x is None else round(100 * x, 2)
 
 
-def _needs_scores(run: Run, scores: Path) -> bool:
-    return not scores.exists() or scores.stat().st_mtime < run.final.stat().st_mtime
+# ---------------------------------------------------------------------------------------------
+# Segmentation scores
+# ---------------------------------------------------------------------------------------------
+def eval_settings(run: Run, ev: EvaluateConfig) -> Any:
+    """``segmentation.evaluate.EvalSettings`` of a fine-tune's score: the comparison's evaluation, and the
+    run's own sliding window (its ``eval.window`` / ``eval.overlap``), all stated explicitly."""
+    from segmentation.evaluate import MS_SCALES, EvalSettings
+
+    cfg = run.stage_config()
+    return EvalSettings(cfg.data.val_split, MS_SCALES if ev.ms else (1.0,), ev.flip, cfg.eval.window,
+                        cfg.eval.overlap, ev.max_images, ev.boundary_width)
+
+
+def eval_json(run: Run, ev: EvaluateConfig) -> Path:
+    """The score file of a fine-tune's ``final.pth`` under the comparison's evaluation settings."""
+    from segmentation.evaluate import score_path
+
+    return score_path(run.final, eval_settings(run, ev))
+
+
+def score_problem(run: Run, ev: EvaluateConfig) -> str | None:
+    """Why the score file cannot be used for ``run.final`` (missing, other weights, other settings), or None."""
+    path = eval_json(run, ev)
+    if not path.exists() or not path.with_suffix(".per_image.npz").exists():
+        return "no score yet"
+    record = json.loads(path.read_text())
+    if record.get("weights_sha256") != file_sha256(run.final):
+        return f"{path.name} scored other weights"
+    wanted = eval_settings(run, ev).to_json()
+    differ = [k for k, v in wanted.items() if record.get(k) != v]
+    if differ:
+        return f"{path.name} was computed with other settings ({', '.join(differ)})"
+    return None
 
 
 def _evaluate(run: Run, ev: EvaluateConfig, out: Path) -> None:
     from segmentation.evaluate import main as evaluate_main
 
-    print(f"evaluate {run.backbone} + {run.head} -> {out}", flush=True)
+    s = eval_settings(run, ev)
     argv = ["--checkpoint", str(run.final), "--out", str(out), "--save-png", str(run.dir / "predictions"),
-            "--boundary-width", str(ev.boundary_width), "--max-images", str(ev.max_images),
+            "--boundary-width", str(s.boundary_width), "--max-images", str(s.max_images), "--split", s.split,
+            "--window", str(s.window), "--overlap", repr(s.overlap),
             *(["--ms"] if ev.ms else []), *(["--flip"] if ev.flip else [])]
     # in this process (no second start-up of torch and timm per run); the per-class table goes to a log
     report = out.with_suffix(".txt")
@@ -47,49 +99,210 @@ def _evaluate(run: Run, ev: EvaluateConfig, out: Path) -> None:
         raise StageFailed(f"evaluating {run.final} failed (exit {rc}); the error is above, the report in {report}")
 
 
-def evaluate_runs(runs: Sequence[Run], ev: EvaluateConfig) -> dict[str, Path]:
-    """Evaluate every finished fine-tune without a (newer) score file; {run dir: JSON}."""
+def evaluate_runs(runs: Sequence[Run], ev: EvaluateConfig, skip: Collection[Path] = ()) -> dict[str, Path]:
+    """Evaluate every finished fine-tune (except the directories in ``skip``) whose score is missing or
+    belongs to other weights or settings; {run dir: score JSON}."""
     done = {}
     for run in runs:
-        if run.kind != "finetune" or not run.finished:
+        if run.kind != "finetune" or not run.finished or run.dir in skip:
             continue
-        out = eval_json(run, ev, run.stage_config().data.val_split)
-        if _needs_scores(run, out):
+        out = eval_json(run, ev)
+        problem = score_problem(run, ev)
+        if problem is not None:
+            print(f"evaluate {run.name} ({problem}) -> {out}", flush=True)
             _evaluate(run, ev, out)
         done[str(run.dir)] = out
     return done
 
 
-def _pct(x: float | None) -> float | None:
-    return None if x is None else round(100 * x, 2)
+# ---------------------------------------------------------------------------------------------
+# ImageNet scores
+# ---------------------------------------------------------------------------------------------
+def imagenet_problem(run: Run) -> str | None:
+    """Why the pretraining's Table 6 protocol score cannot be used for ``run.final``, or None."""
+    from backbone.evaluate import PAPER, record_path
+    from backbone.write_beton import meta_path
+
+    path = record_path(run.final, PAPER)
+    if not path.exists():
+        return "no score under the paper's protocol yet"
+    record = json.loads(path.read_text())
+    if (record.get("weights") or {}).get("sha256") != file_sha256(run.final):
+        return f"{path.name} scored other weights"
+    p = record.get("protocol") or {}
+    if (p.get("resolution"), p.get("crop_ratio"), p.get("flip")) != (PAPER.resolution, PAPER.crop_ratio, PAPER.flip):
+        return f"{path.name} used another protocol"
+    meta = meta_path(run.stage_config().data.val)
+    if meta.exists() and (record.get("data") or {}).get("meta_sha256") != file_sha256(meta):
+        return f"{path.name} was computed on other validation data"
+    return None
 
 
-def pretrain_record(run: Run) -> dict[str, Any] | None:
-    """The last validation of a finished pretraining run, or None."""
+def evaluate_imagenet(run: Run) -> Path:
+    """``python -m backbone.evaluate`` on the run's final weights and validation data, Table 6's protocol.
+
+    A subprocess: ffcv's loader threads must not live in this process, which forks data loader workers
+    for the segmentation evaluation afterwards."""
+    from backbone.evaluate import PAPER, record_path
+
+    cfg = run.stage_config()
+    cmd = [sys.executable, "-m", "backbone.evaluate", "--weights", str(run.final), "--data", str(cfg.data.val),
+           "--workers", str(max(1, min(cfg.data.num_workers, os.cpu_count() or 1))),
+           "--device", "cpu" if cfg.train.device == "cpu" else "auto"]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise StageFailed(f"ImageNet evaluation of {run.final} failed (exit {proc.returncode}):\n"
+                          f"{proc.stderr[-2000:]}")
+    print(proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else f"scored {run.final}", flush=True)
+    return record_path(run.final, PAPER)
+
+
+# ---------------------------------------------------------------------------------------------
+# One record per run and seed
+# ---------------------------------------------------------------------------------------------
+def provenance(run: Run) -> dict[str, Any]:
+    """What the run trained with, from its ``run.json``: recipe hash, world size, global batch, seed, code
+    version, and for a fine-tune the backbone weights it started from (by content)."""
+    record = read_run_record(run.dir)
+    out: dict[str, Any] = {k: record.get(k) for k in RUN_FIELDS}
+    if run.kind == "finetune":
+        out["pretrained_sha256"] = (record.get("pretrained") or {}).get("sha256")
+    out["run_record"] = str(run.dir / "run.json")
+    return out
+
+
+def _ffcv_validation(run: Run) -> dict[str, Any] | None:
+    """The last per-epoch validation of pretraining (ffcv-imagenet's protocol), with its resolution and flip."""
     metrics = run.dir / "metrics.jsonl"
-    if not run.finished or not metrics.exists():
-        return None
-    vals = [r for r in read_metrics(metrics) if r.get("kind") == "val"]
+    vals = [r for r in read_metrics(metrics) if r.get("kind") == "val"] if metrics.exists() else []
     if not vals:
         return None
-    v = vals[-1]
-    return {"top5_error": _pct(v["top5_error"]), "top1_error": _pct(1 - v["top1"]), "images": v.get("images"),
-            "epoch": v.get("epoch"), "source": f"{metrics} (validation after epoch {v.get('epoch')})"}
+    v, cfg = vals[-1], run.stage_config()
+    return {"top5_error": _pct(v["top5_error"]), "top1_error": _pct(1 - v["top1"]), "epoch": v.get("epoch"),
+            "val_res": cfg.resolution.val_res, "flip": cfg.train.flip_tta,
+            "source": f"{metrics} (validation after epoch {v.get('epoch')})"}
+
+
+def pretrain_record(run: Run, score: bool = True) -> dict[str, Any] | None:
+    """A finished pretraining's ImageNet errors (%): Table 6's protocol (scored now when missing or stale,
+    with ``score``) and ffcv's last validation, each with its source and the run's provenance; or None."""
+    from backbone.evaluate import PAPER, record_path
+
+    if not run.finished:
+        return None
+    if imagenet_problem(run) is not None:
+        if not score:
+            return None
+        evaluate_imagenet(run)
+    path = record_path(run.final, PAPER)
+    s = json.loads(path.read_text())
+    ffcv = _ffcv_validation(run)
+    return {"seed": run.seed, "top5_error": _pct(s["top5_error"]), "top1_error": _pct(s["top1_error"]),
+            "images": s["images"], "protocol": s["protocol"], "source": str(path),
+            "weights_sha256": s["weights"]["sha256"], "data_meta_sha256": (s.get("data") or {}).get("meta_sha256"),
+            "eval_code_version": s.get("code_version"),
+            "ffcv_top5_error": ffcv and ffcv["top5_error"], "ffcv_top1_error": ffcv and ffcv["top1_error"],
+            "ffcv": ffcv, "run": provenance(run)}
 
 
 def finetune_record(run: Run, ev: EvaluateConfig) -> dict[str, Any] | None:
-    """The scores of a finished, evaluated fine-tune (%, with the score file as source), or None."""
-    if not run.finished:
+    """The scores (%) of a finished fine-tune whose score file is current, with the files, the weights'
+    hash, the settings and the run's provenance; or None."""
+    if not run.finished or score_problem(run, ev) is not None:
         return None
-    out = eval_json(run, ev, run.stage_config().data.val_split)
-    if not out.exists():
-        return None
+    out = eval_json(run, ev)
     s = json.loads(out.read_text())
-    return {"miou": _pct(s["miou"]), "pixel_acc": _pct(s["pixel_acc"]), "boundary_acc": _pct(s["boundary_acc"]),
-            "internal_acc": _pct(s["internal_acc"]), "images": s["images"], "split": s["split"],
-            "scales": s["scales"], "flip": s["flip"], "source": str(out)}
+    return {"seed": run.seed, "miou": _pct(s["miou"]), "pixel_acc": _pct(s["pixel_acc"]),
+            "boundary_acc": _pct(s["boundary_acc"]), "internal_acc": _pct(s["internal_acc"]), "images": s["images"],
+            "source": str(out), "per_image": str(out.with_suffix(".per_image.npz")),
+            "weights_sha256": s["weights_sha256"], "settings": eval_settings(run, ev).to_json(),
+            "eval_code_version": s.get("code_version"), "run": provenance(run)}
 
 
+def aggregate(records: dict[int, dict[str, Any] | None], keys: Sequence[str]) -> dict[str, Any] | None:
+    """One cell of the table from its runs' records by seed: the mean of each key (the table's figure),
+    ``std`` (sample standard deviation, None for one seed), ``n``, the seeds found and missing, and the
+    per-seed records under ``runs``. None when no seed has finished."""
+    done = {s: r for s, r in sorted(records.items()) if r is not None}
+    if not done:
+        return None
+    cell: dict[str, Any] = {}
+    std: dict[str, float | None] = {}
+    for k in keys:
+        summary = stats.summarize([r.get(k) for r in done.values()])
+        cell[k] = None if summary.mean is None else round(summary.mean, 2)
+        std[k] = None if summary.std is None else round(summary.std, 2)
+    return {**cell, "std": std, "n": len(done), "seeds": list(done),
+            "missing_seeds": [s for s in records if s not in done], "runs": {str(s): r for s, r in done.items()}}
+
+
+# ---------------------------------------------------------------------------------------------
+# Comparisons
+# ---------------------------------------------------------------------------------------------
+def comparison_pairs(backbones: Sequence[str], heads: Sequence[str]) -> list[dict[str, str]]:
+    """The paper's comparisons: every other backbone against the first under each head (ResNet50-GCN vs
+    ResNet50), and every other head against the first under each backbone (GCN + BR vs Baseline).
+    The difference is always B - A."""
+    pairs = []
+    for h in heads:
+        for b in backbones[1:]:
+            pairs.append({"kind": "backbone", "a": f"{backbones[0]}+{h}", "b": f"{b}+{h}",
+                          "label": f"{display(b)} vs {display(backbones[0])}, {display(h)} head",
+                          "better_a": display(backbones[0]), "better_b": display(b)})
+    for b in backbones:
+        for h in heads[1:]:
+            pairs.append({"kind": "head", "a": f"{b}+{heads[0]}", "b": f"{b}+{h}",
+                          "label": f"{display(h)} vs {display(heads[0])}, {display(b)} backbone",
+                          "better_a": display(heads[0]), "better_b": display(h)})
+    return pairs
+
+
+def _paper_difference(a: str, b: str) -> float | None:
+    (ba, ha), (bb, hb) = a.split("+"), b.split("+")
+    pa = PAPER_TABLE6.get(f"miou_{ha}", {}).get(ba)
+    pb = PAPER_TABLE6.get(f"miou_{hb}", {}).get(bb)
+    return None if pa is None or pb is None else round(pb - pa, 1)
+
+
+def load_counts(cell: dict[str, Any] | None) -> tuple[dict[int, np.ndarray], np.ndarray | None]:
+    """{seed: per-image tp/fp/fn counts} of a cell's runs, and the image names (the same for every seed)."""
+    counts: dict[int, np.ndarray] = {}
+    names = None
+    for s, rec in (cell or {}).get("runs", {}).items():
+        with np.load(rec["per_image"]) as z:
+            counts[int(s)] = z["tp_fp_fn"]
+            if names is not None and not np.array_equal(names, z["names"]):
+                raise StageFailed(f"{rec['per_image']} scored other images than the cell's other seeds")
+            names = z["names"]
+    return counts, names
+
+
+def comparisons(segmentation: dict[str, dict[str, Any] | None], backbones: Sequence[str], heads: Sequence[str],
+                cfg_stats: Any) -> list[dict[str, Any]]:
+    """Each comparison with its difference, interval and verdict, over the seeds both arms finished
+    (``stats.paired_bootstrap``); ``None`` figures where an arm has no finished seed."""
+    out = []
+    for pair in comparison_pairs(backbones, heads):
+        entry: dict[str, Any] = {**pair, "paper": _paper_difference(pair["a"], pair["b"])}
+        (ca, na), (cb, nb) = load_counts(segmentation.get(pair["a"])), load_counts(segmentation.get(pair["b"]))
+        if na is not None and nb is not None and not np.array_equal(na, nb):
+            raise StageFailed(f"{pair['a']} and {pair['b']} were scored on different validation images: evaluate "
+                              "both with the same settings")
+        if set(ca) & set(cb):
+            d = stats.paired_bootstrap(ca, cb, replicates=cfg_stats.replicates, confidence=cfg_stats.confidence,
+                                       seed=cfg_stats.seed)
+            entry.update(d.to_json(), verdict=stats.verdict(d, pair["better_b"], pair["better_a"]),
+                         text=stats.format_difference(d, pair["better_b"], pair["better_a"]))
+            entry["unpaired_seeds"] = sorted(set(ca) ^ set(cb))
+        else:
+            entry.update(estimate=None, text="–", verdict="no seed finished in both")
+        out.append(entry)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# The record of the whole table
+# ---------------------------------------------------------------------------------------------
 def chance_miou(run: Run) -> float | None:
     """mIoU (%) of predicting background everywhere on the fine-tunes' validation split: the floor to beat."""
     import torch
@@ -110,54 +323,106 @@ def chance_miou(run: Run) -> float | None:
     return _pct(metrics.compute()["miou"])
 
 
-def gather(cfg: CompareConfig, runs: Sequence[Run]) -> dict[str, Any]:
-    """Every figure of the table with where it came from (JSON-able)."""
-    pre = {r.backbone: pretrain_record(r) for r in runs if r.kind == "pretrain"}
-    seg = {(r.backbone, r.head): finetune_record(r, cfg.evaluate) for r in runs if r.kind == "finetune"}
+def _by_network(runs: Sequence[Run], kind: str) -> dict[str, list[Run]]:
+    out: dict[str, list[Run]] = {}
+    for r in runs:
+        if r.kind == kind:
+            out.setdefault(r.network, []).append(r)
+    return out
+
+
+def gather(cfg: CompareConfig, runs: Sequence[Run], stale: dict[Path, str] | None = None,
+           score: bool = True) -> dict[str, Any]:
+    """Every figure of the table with its provenance, aggregated over seeds, and the comparisons (JSON-able).
+
+    ``stale`` fine-tunes (backbone retrained since; {dir: reason}) are left out and listed. With ``score``
+    a pretraining without a current ImageNet score under the paper's protocol is scored now."""
+    stale = stale or {}
+    pre = {b: aggregate({r.seed: pretrain_record(r, score) for r in rs}, PRETRAIN_KEYS)
+           for b, rs in _by_network(runs, "pretrain").items()}
+    seg = {key: aggregate({r.seed: None if r.dir in stale else finetune_record(r, cfg.evaluate) for r in rs},
+                          FINETUNE_KEYS)
+           for key, rs in _by_network(runs, "finetune").items()}
     finetunes = [r for r in runs if r.kind == "finetune"]
     return {
-        "backbones": list(cfg.backbones), "heads": list(cfg.heads),
+        "backbones": list(cfg.backbones), "heads": list(cfg.heads), "seeds": list(cfg.seeds),
+        "pretrain_seeds": cfg.pretrain_seeds,
         "pretrain": pre,
-        "segmentation": {f"{b}+{h}": rec for (b, h), rec in seg.items()},
+        "segmentation": seg,
+        "comparisons": comparisons(seg, cfg.backbones, cfg.heads, cfg.stats),
         "chance_miou": chance_miou(finetunes[0]) if finetunes else None,
         "paper": PAPER_TABLE6,
-        "missing": [r.name for r in runs if not r.finished],
+        "evaluation": {"segmentation": eval_settings(finetunes[0], cfg.evaluate).to_json() if finetunes else None},
+        "stats": {"confidence": cfg.stats.confidence, "replicates": cfg.stats.replicates, "seed": cfg.stats.seed,
+                  "procedure": "hierarchical paired bootstrap: seeds (paired by number) resampled, then validation "
+                               "images (the same for both arms), mIoU from summed per-image counts; percentile "
+                               "interval"},
+        "missing": [r.name for r in runs if not r.finished or r.dir in stale],
+        "stale": [{"run": r.name, "dir": str(r.dir), "reason": stale[r.dir]} for r in runs if r.dir in stale],
         "output": str(Path(cfg.output).resolve()),
+        "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
     }
 
 
-def _draw_figures(cfg: CompareConfig, runs: Sequence[Run], out: Path) -> dict[str, Path | None]:
-    """Figure 6 per backbone that has a finished fine-tune, and Figure 3 over all of them."""
+def _first_seed_runs(runs: Sequence[Run], skip: Collection[Path]) -> dict[str, Run]:
+    """Per network, its finished fine-tune of the lowest seed: what Figures 3 and 6 show."""
+    out: dict[str, Run] = {}
+    for r in sorted((r for r in runs if r.kind == "finetune" and r.finished and r.dir not in skip),
+                    key=lambda r: r.seed):
+        out.setdefault(r.network, r)
+    return out
+
+
+def _draw_figures(cfg: CompareConfig, runs: Sequence[Run], result: dict[str, Any], out: Path,
+                  skip: Collection[Path]) -> dict[str, Path | None]:
+    """Figure 6 per backbone and Figure 3 (one seed per network), and the headline per-image difference."""
     from experiments import figures
 
     written: dict[str, Path | None] = {}
-    finished = [r for r in runs if r.kind == "finetune" and r.finished]
+    finished = [r for r in runs if r.kind == "finetune" and r.finished and r.dir not in skip]
     for b in cfg.backbones:
-        mine = [r for r in finished if r.backbone == b]
-        if mine:
-            grid = out / f"figure6_{b}.png"
-            written[f"figure6_{b}"] = figures.prediction_grid(mine, grid, cfg.figures.figure6_images)
-    if finished and cfg.figures.vrf_images > 0:
-        written["figure3"] = figures.receptive_field_figure(finished, out / "figure3", cfg.figures)
+        seeds = sorted(r.seed for r in finished if r.backbone == b)
+        if seeds:  # the lowest seed with a finished fine-tune of this backbone, its heads in column order
+            mine = [r for h in cfg.heads for r in finished if (r.backbone, r.head, r.seed) == (b, h, seeds[0])]
+            written[f"figure6_{b}"] = figures.prediction_grid(mine, out / f"figure6_{b}.png",
+                                                              cfg.figures.figure6_images)
+    first = _first_seed_runs(runs, skip)
+    if first and cfg.figures.vrf_images > 0:
+        written["figure3"] = figures.receptive_field_figure(list(first.values()), out / "figure3", cfg.figures)
+    headline = headline_comparison(result, cfg.figures.headline_head)
+    if headline is not None and headline.get("estimate") is not None:
+        written["per_image_difference"] = figures.per_image_difference(
+            result, headline, runs, out / "per_image_difference.png", cfg.figures.difference_images)
     return written
 
 
-def collect(cfg: CompareConfig, runs: Sequence[Run]) -> dict[str, Any]:
-    """Evaluate what needs it, then write table6.md/.json/.png and the figures; returns the JSON record."""
+def headline_comparison(result: dict[str, Any], head: str) -> dict[str, Any] | None:
+    """The backbone comparison under ``head`` (under the last head when ``head`` was not run); with one
+    backbone, the first head comparison; None without any comparison."""
+    backbone = [c for c in result["comparisons"] if c["kind"] == "backbone"]
+    if not backbone:
+        return result["comparisons"][0] if result["comparisons"] else None
+    wanted = head if head in result["heads"] else result["heads"][-1]
+    return next((c for c in backbone if c["b"].endswith(f"+{wanted}")), backbone[-1])
+
+
+def collect(cfg: CompareConfig, runs: Sequence[Run], stale: dict[Path, str] | None = None) -> dict[str, Any]:
+    """Score what needs it, then write table6.md/.json/.png and the figures; returns the JSON record."""
     import torch
 
     from experiments import figures
 
+    stale = stale or {}
     threads = torch.get_num_threads()
     out = Path(cfg.output).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    evaluate_runs(runs, cfg.evaluate)
-    result = gather(cfg, runs)
+    evaluate_runs(runs, cfg.evaluate, skip=stale)
+    result = gather(cfg, runs, stale)
     torch.set_num_threads(threads)  # importing ffcv (the pretraining checks) sets it to 1
     written: dict[str, Path | None] = {"table": out / "table6.md", "json": out / "table6.json"}
     (out / "table6.md").write_text(table_markdown(result))
     written["chart"] = figures.table_chart(result, out / "table6.png")
-    written.update(_draw_figures(cfg, runs, out))
+    written.update(_draw_figures(cfg, runs, result, out, stale))
     result["files"] = {k: str(v) for k, v in written.items() if v is not None}
     (out / "table6.json").write_text(json.dumps(result, indent=1))
     return result

@@ -10,13 +10,21 @@ from typing import Literal
 
 from engine.config import ConfigError
 
-__all__ = ["StageConfig", "EvaluateConfig", "FiguresConfig", "ResourceConfig", "LaunchConfig", "CompareConfig"]
+__all__ = ["StageConfig", "PretrainStageConfig", "EvaluateConfig", "StatsConfig", "FiguresConfig", "ResourceConfig",
+           "LaunchConfig", "CompareConfig"]
 
 
 @dataclass
 class StageConfig:
     config: str = ""  # the stage's YAML; {backbone} is replaced by the backbone's name
     overrides: list[str] = field(default_factory=list)  # key=value for that stage (data paths, ...)
+
+
+@dataclass
+class PretrainStageConfig(StageConfig):
+    # the pretraining seeds; empty: the comparison's seeds (one pretraining per fine-tune seed). With
+    # fewer, fine-tune seed s starts from pretraining seed s if there is one, else from the first.
+    seeds: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -28,8 +36,17 @@ class EvaluateConfig:
 
 
 @dataclass
+class StatsConfig:
+    confidence: float = 0.95  # of the differences' intervals
+    replicates: int = 2000  # bootstrap replicates (seeds, then images, resampled in each)
+    seed: int = 0  # of the bootstrap's random generator: the same runs give the same intervals
+
+
+@dataclass
 class FiguresConfig:
     figure6_images: int = 4  # rows of Figure 6 (the first N validation images)
+    headline_head: str = "gcn_br"  # per-image difference figure: ResNet50-GCN vs ResNet50 under this head
+    difference_images: int = 3  # images shown where the headline comparison helps most, and hurts most
     vrf_images: int = 4  # images whose valid receptive field is measured (Figure 3)
     vrf_scales: list[float] = field(default_factory=lambda: [1.0, 2.0])  # 2.0: the paper's (B)
     vrf_share: float = 0.9  # share of the gradient mass the VRF area holds
@@ -62,9 +79,12 @@ class CompareConfig:
     output: str = "runs/table6"
     backbones: list[str] = field(default_factory=lambda: ["resnet50", "resnet50_gcn"])
     heads: list[str] = field(default_factory=lambda: ["baseline", "gcn_br"])  # add gcn for Figure 6's GCN column
-    pretrain: StageConfig = field(default_factory=lambda: StageConfig("configs/pretrain/{backbone}_16_epochs.yaml"))
+    seeds: list[int] = field(default_factory=lambda: [0])  # every run once per seed (train.seed), own directory
+    pretrain: PretrainStageConfig = field(
+        default_factory=lambda: PretrainStageConfig("configs/pretrain/{backbone}_16_epochs.yaml"))
     finetune: StageConfig = field(default_factory=lambda: StageConfig("configs/segmentation/voc_stage2.yaml"))
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    stats: StatsConfig = field(default_factory=StatsConfig)
     figures: FiguresConfig = field(default_factory=FiguresConfig)
     launch: LaunchConfig = field(default_factory=LaunchConfig)
 
@@ -74,6 +94,23 @@ class CompareConfig:
         for key in ("pretrain", "finetune"):
             if not getattr(self, key).config:
                 raise ConfigError(f"{key}.config is not set: give the stage's YAML config")
+        for key, seeds in (("seeds", self.seeds), ("pretrain.seeds", self.pretrain.seeds)):
+            if len(set(seeds)) != len(seeds) or any(s < 0 for s in seeds):
+                raise ConfigError(f"{key} must list distinct seeds >= 0, got {seeds}")
+        if not self.seeds:
+            raise ConfigError("seeds must name at least one seed, e.g. seeds=[0] or seeds=[0, 1, 2]")
+        if not 0 < self.stats.confidence < 1 or self.stats.replicates < 1:
+            raise ConfigError(f"stats: need 0 < confidence < 1 and replicates >= 1, got {self.stats.confidence} "
+                              f"and {self.stats.replicates}")
+
+    @property
+    def pretrain_seeds(self) -> list[int]:
+        """The seeds each backbone is pretrained with."""
+        return list(self.pretrain.seeds or self.seeds)
+
+    def backbone_seed(self, seed: int) -> int:
+        """The pretraining seed the fine-tunes of ``seed`` start from."""
+        return seed if seed in self.pretrain_seeds else self.pretrain_seeds[0]
 
     def _check_matrix(self) -> None:
         # imported here: the model registry and the heads pull in timm and torch, the schema does not need them

@@ -1,10 +1,12 @@
 """Launchers of the plan: one run after another on this machine, or one SLURM job per run.
 
-``run_local`` runs each unfinished run as a subprocess. ``submit_sbatch`` submits the stage scripts
+``run_local`` runs each unfinished run as a subprocess: one process, or one per GPU of this machine
+through torchrun (``Run.command``). ``submit_sbatch`` submits the stage scripts
 (``slurm/imagenet_pretrain.sh``, ``slurm/segmentation_finetune.sh``) with ``--dependency=afterok`` on
 the backbone's pretraining, then a collect job after all of them; the job ids go to ``jobs.json`` so
 that a later call reuses jobs still queued rather than submitting them twice. ``wait_for_table``
-waits for the jobs and checks that they wrote a new table. The resources become sbatch options, and
+waits for the jobs and checks that the collect job it submitted wrote the table (``table6.json`` names
+the job that wrote it). The resources become sbatch options, and
 submission and waiting are done, by ``engine.slurm``.
 """
 from __future__ import annotations
@@ -38,7 +40,9 @@ def run_local(runs: Sequence[Run]) -> None:
         if run.finished:
             print(f"{head}: finished before, reused ({run.final})", flush=True)
             continue
-        print(f"{head} -> {run.dir}" + (" (resuming)" if run.dir.exists() else ""), flush=True)
+        procs = run.world_size
+        print(f"{head} -> {run.dir}" + (" (resuming)" if run.dir.exists() else "")
+              + (f", {procs} processes (torchrun, one per GPU)" if procs > 1 else ""), flush=True)
         t0 = time.monotonic()
         rc = subprocess.run(run.command()).returncode
         if rc != 0 or not run.finished:
@@ -61,7 +65,7 @@ def job_resources(res: ResourceConfig, launch: LaunchConfig, stage_job: bool = T
 
 
 def _job_name(run: Run) -> str:
-    return f"lkm-{run.kind}-{run.backbone}" + (f"-{run.head}" if run.head else "")
+    return f"lkm-{run.kind}-{run.backbone}" + (f"-{run.head}" if run.head else "") + f"-s{run.seed}"
 
 
 def stage_job_args(run: Run, cfg: CompareConfig, logs: Path, after: Sequence[str]) -> list[str]:
@@ -134,10 +138,13 @@ def submit_sbatch(cfg: CompareConfig, runs: Sequence[Run], collect_argv: Sequenc
 
 
 def wait_for_table(ids: dict[str, str], out: Path) -> Path:
-    """Wait for the jobs, then the table6.json the collect job wrote; StageFailed when it wrote none."""
-    started = time.time()
+    """Wait for the jobs, then the table6.json the collect job wrote (it records its SLURM job id);
+    StageFailed when that job wrote none."""
     slurm.wait_for_jobs(ids.values(), out / "logs")
-    table = out / "table6.md"
-    if not table.exists() or table.stat().st_mtime < started:
-        raise StageFailed(f"the jobs ended without a new table; see the logs in {out / 'logs'}")
-    return out / "table6.json"
+    table = out / "table6.json"
+    written_by = json.loads(table.read_text()).get("slurm_job_id") if table.exists() else None
+    if written_by != ids["collect"]:
+        raise StageFailed(f"the jobs ended without a new table (collect job {ids['collect']}; table6.json "
+                          f"{'was written by ' + str(written_by) if table.exists() else 'is missing'}); see the logs "
+                          f"in {out / 'logs'}")
+    return table

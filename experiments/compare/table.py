@@ -1,8 +1,9 @@
-"""Table 6 as markdown: the paper's figures (``PAPER_TABLE6``), our rows beside them, and the notes below.
+"""Table 6 as markdown: the paper's figures (``PAPER_TABLE6``), ours beside them as mean ± standard deviation
+over seeds (n), the comparisons with their intervals and verdicts, and notes that say what each row measures.
 
-``table_rows`` orders the rows as the paper does, then our extra ones (top-1 error, boundary /
-internal accuracy); ``table_markdown`` renders the JSON record of ``collect.gather`` with each of our
-cells beside the paper's, a dash where a run has not finished.
+``table_rows`` orders the rows as the paper does, then our extra ones (top-1 error, ffcv-imagenet's
+validation protocol, boundary / internal accuracy); ``table_markdown`` renders the JSON record of
+``collect.gather``, a dash where no seed of a run has finished.
 """
 from __future__ import annotations
 
@@ -10,7 +11,9 @@ from typing import Any
 
 from experiments.imaging import DISPLAY
 
-__all__ = ["PAPER_TABLE6", "table_rows", "table_markdown"]
+from .stats import Summary
+
+__all__ = ["PAPER_TABLE6", "display", "cell_summary", "table_rows", "table_markdown"]
 
 # Peng et al., Table 6 (%): ImageNet top-5 error (224 centre crop of 256), VOC 2012 val mIoU.
 PAPER_TABLE6 = {
@@ -19,31 +22,48 @@ PAPER_TABLE6 = {
     "miou_gcn_br": {"resnet50": 72.3, "resnet50_gcn": 72.5},
 }
 
-Row = tuple[str, str, dict[str, Any]]  # (label, paper key or '', {backbone: value or (boundary, internal)})
+Row = tuple[str, str, dict[str, Any]]  # (label, paper key or '', {backbone: Summary or (Summary, Summary)})
 
 
-def _cell(x: float | None) -> str:
-    return "–" if x is None else f"{x:.1f}"
+def display(name: str) -> str:
+    return DISPLAY.get(name, name)
+
+
+def cell_summary(cell: dict[str, Any] | None, key: str) -> Summary:
+    """A cell's figure as a Summary (mean, std over seeds, n); empty for a cell without finished seeds."""
+    if not cell or cell.get(key) is None:
+        return Summary(None, None, 0)
+    return Summary(cell[key], (cell.get("std") or {}).get(key), cell.get("n", 1))
+
+
+def _ffcv_label(result: dict[str, Any]) -> str:
+    """'ffcv protocol: 256 px, flip' from the pretraining records (what the last validation used)."""
+    for cell in result["pretrain"].values():
+        for rec in (cell or {}).get("runs", {}).values():
+            if rec.get("ffcv"):
+                f = rec["ffcv"]
+                return f"ffcv protocol: {f['val_res']} px{', flip' if f['flip'] else ''}"
+    return "ffcv protocol"
 
 
 def table_rows(result: dict[str, Any]) -> list[Row]:
-    """(row label, paper key or '', {backbone: value}) in Table 6's order, then our extra rows."""
+    """(row label, paper key or '', {backbone: Summary}) in Table 6's order, then our extra rows."""
     bs, heads = result["backbones"], result["heads"]
     pre, seg = result["pretrain"], result["segmentation"]
-
-    def pick(b: str, h: str, key: str) -> float | None:
-        rec = seg.get(f"{b}+{h}")
-        return rec[key] if rec else None
-
+    ffcv = _ffcv_label(result)
     rows: list[Row] = [("ImageNet cls top-5 error (%)", "imagenet_top5_error",
-                        {b: pre[b]["top5_error"] if pre.get(b) else None for b in bs})]
+                        {b: cell_summary(pre.get(b), "top5_error") for b in bs})]
     for h in heads:
         key = f"miou_{h}" if f"miou_{h}" in PAPER_TABLE6 else ""
-        rows.append((f"Seg. score, {DISPLAY.get(h, h)} (mIoU %)", key, {b: pick(b, h, "miou") for b in bs}))
-    rows.append(("ImageNet cls top-1 error (%)", "", {b: pre[b]["top1_error"] if pre.get(b) else None for b in bs}))
+        rows.append((f"Seg. score, {display(h)} (mIoU %)", key,
+                     {b: cell_summary(seg.get(f"{b}+{h}"), "miou") for b in bs}))
+    rows.append(("ImageNet cls top-1 error (%)", "", {b: cell_summary(pre.get(b), "top1_error") for b in bs}))
+    rows.append((f"ImageNet top-5 error (%), {ffcv}", "", {b: cell_summary(pre.get(b), "ffcv_top5_error") for b in bs}))
+    rows.append((f"ImageNet top-1 error (%), {ffcv}", "", {b: cell_summary(pre.get(b), "ffcv_top1_error") for b in bs}))
     for h in heads:
-        rows.append((f"{DISPLAY.get(h, h)}: boundary / internal acc. (%)", "",
-                     {b: (pick(b, h, "boundary_acc"), pick(b, h, "internal_acc")) for b in bs}))
+        rows.append((f"{display(h)}: boundary / internal acc. (%)", "",
+                     {b: (cell_summary(seg.get(f"{b}+{h}"), "boundary_acc"),
+                          cell_summary(seg.get(f"{b}+{h}"), "internal_acc")) for b in bs}))
     return rows
 
 
@@ -52,31 +72,77 @@ def _row_cells(key: str, values: dict[str, Any], backbones: list[str]) -> str:
     cells = []
     for b in backbones:
         v = values[b]
-        ours = f"{_cell(v[0])} / {_cell(v[1])}" if isinstance(v, tuple) else _cell(v)
+        if isinstance(v, tuple):  # boundary / internal: means only
+            ours = "–" if v[0].mean is None else f"{v[0].mean:.1f} / {v[1].mean:.1f}"
+        else:
+            ours = v.format()
         paper = PAPER_TABLE6.get(key, {}).get(b) if key else None
         cells.append(f" {ours} | {'' if paper is None else paper} |")
     return "".join(cells)
 
 
+def _comparison_lines(result: dict[str, Any]) -> list[str]:
+    comps = result.get("comparisons") or []
+    if not comps:
+        return []
+    st = result.get("stats") or {}
+    conf = round(100 * st.get("confidence", 0.95))
+    lines = ["", f"## Differences in mIoU points (B - A), {conf} % interval and verdict", "",
+             "| comparison | ours | seeds | images | paper |", "|---|---|---:|---:|---:|"]
+    for c in comps:
+        paper = "" if c.get("paper") is None else f"{c['paper']:+.1f}"
+        n = "–" if c.get("estimate") is None else str(len(c["seeds"]))
+        images = "–" if c.get("estimate") is None else str(c["images"])
+        lines.append(f"| {c['label']} | {c['text']} | {n} | {images} | {paper} |")
+    lines += ["", f"Interval: hierarchical paired bootstrap ({st.get('replicates', '?')} replicates, generator seed "
+              f"{st.get('seed', '?')}): each replicate resamples the seeds both networks finished (paired by seed), "
+              "then the validation images (the same images for both), and recomputes the mean over seeds of the "
+              "mIoU difference from the summed per-image counts; percentile interval. Significant: the interval "
+              "excludes 0."]
+    if any(c.get("estimate") is not None and len(c["seeds"]) == 1 for c in comps):
+        lines.append("With one seed the interval covers the choice of validation images only, not seed-to-seed "
+                     "variation.")
+    unpaired = sorted({s for c in comps for s in c.get("unpaired_seeds", [])})
+    if unpaired:
+        lines.append(f"Seeds finished by one arm only are left out of that comparison: {unpaired}.")
+    return lines
+
+
 def _notes(result: dict[str, Any]) -> list[str]:
-    """What the figures are, chance, what is missing."""
-    multi_scale = any((r or {}).get("scales", [1]) != [1.0] for r in result["segmentation"].values())
-    lines = ["", "Ours: ImageNet top-5 error of the last validation of each pretraining run (centre crop 224/256, "
-             "flip-averaged); mIoU over the fine-tunes' validation split ("
-             + ("multi-scale" if multi_scale else "single scale")
-             + "). Paper: Peng et al., Table 6 (ImageNet; PASCAL VOC 2012 val)."]
+    """What the figures are, seeds, chance, what is missing or stale."""
+    ev = (result.get("evaluation") or {}).get("segmentation") or {}
+    scales = ev.get("scales", [1.0])
+    inference = ("multi-scale " + "/".join(f"{s:g}" for s in scales) if scales != [1.0] else "single scale") + \
+        (", flipped" if ev.get("flip") else "")
+    seeds, pre_seeds = result.get("seeds", [0]), result.get("pretrain_seeds", result.get("seeds", [0]))
+    lines = ["", "Cells: mean ± standard deviation over seeds (n = seeds finished). "
+             f"Seeds: fine-tunes {seeds}, pretraining {pre_seeds}"
+             + ("" if pre_seeds == seeds else " (fine-tune seed s starts from pretraining seed s where there is "
+                "one, else from the first: pretraining's seed-to-seed variation is then not in the spread)") + ".",
+             "ImageNet top-5 / top-1 error: final.pth of each pretraining on one 224 x 224 centre crop of the image "
+             "resized to 256 (224/256 of the short side), no flip: the paper's protocol "
+             "(eval_imagenet_224_crop0.875.json, for the weights it names by hash). The ffcv-protocol rows are the "
+             "last per-epoch validation of pretraining (metrics.jsonl): the same crop resized to val_res, logits "
+             "averaged with the mirrored image.",
+             f"mIoU: final.pth of each fine-tune on the validation split ({inference}), IoU per class from the "
+             "confusion counts over all images, averaged over the classes present. Paper: Peng et al., Table 6 "
+             "(ImageNet; PASCAL VOC 2012 val)."]
     if result.get("chance_miou") is not None:
         lines.append(f"Chance (background everywhere) on the same split: mIoU {result['chance_miou']:.1f}%.")
+    if result.get("stale"):
+        lines.append("Left out, trained from backbone weights that have changed since (rerun without --collect "
+                     "to move them aside and retrain): " + ", ".join(s["run"] for s in result["stale"]) + ".")
     if result["missing"]:
-        lines.append("Not finished yet (shown as –): " + ", ".join(result["missing"]) + ".")
-    lines.append("Every figure's source file is in table6.json.")
+        lines.append("Not finished yet (left out of the means; – where no seed has finished): "
+                     + ", ".join(result["missing"]) + ".")
+    lines.append("Every figure's source file, weights hash, settings and run provenance are in table6.json.")
     return lines
 
 
 def table_markdown(result: dict[str, Any]) -> str:
-    """The table (``# Table 6`` heading, one ours / paper column pair per backbone) and its notes."""
+    """The table (``# Table 6`` heading, one ours / paper column pair per backbone), the comparisons, notes."""
     bs = result["backbones"]
-    header = "| |" + "".join(f" {DISPLAY.get(b, b)} | paper |" for b in bs)
+    header = "| |" + "".join(f" {display(b)} | paper |" for b in bs)
     lines = ["# Table 6: ResNet50 vs ResNet50-GCN", "", header, "|---|" + "---:|---:|" * len(bs)]
     lines += [f"| {label} |" + _row_cells(key, values, bs) for label, key, values in table_rows(result)]
-    return "\n".join(lines + _notes(result)) + "\n"
+    return "\n".join(lines + _comparison_lines(result) + _notes(result)) + "\n"

@@ -13,6 +13,8 @@ DIR=${LKM_SLURM_DIR:-/tmp/lkm-slurm}
 WAIT_S=${LKM_SLURM_WAIT_S:-60}
 SHIM=${LKM_SLURM_SACCT_SHIM:-1}
 CONF=/etc/slurm/slurm.conf
+# this cluster's config, also where a shell still names the 2-node cluster's (slurm/local/start_2node.sh)
+export SLURM_CONF=$CONF
 RUN=$DIR/run LOG=$DIR/log STATE=$DIR/state BIN=$DIR/bin
 PKGS="slurmctld slurmd slurm-client munge"
 MUNGE_PID=/run/munge/munged.pid

@@ -6,6 +6,7 @@
 set -uo pipefail
 DIR=${LKM_SLURM_DIR:-/tmp/lkm-slurm}
 RUN=$DIR/run
+export SLURM_CONF=/etc/slurm/slurm.conf   # this cluster, not the 2-node one (start_2node.sh)
 KEEP_JOBS=0
 [ "${1:-}" = "--keep-jobs" ] && KEEP_JOBS=1
 
@@ -38,5 +39,11 @@ stop_group() {
   done
 }
 stop_group slurmd slurmctld   # both take ~2s to exit, so in parallel
-stop_group munged             # last: the slurm daemons authenticate through it
+# munged last: the slurm daemons authenticate through it; left running while another cluster's daemons
+# (slurm/local/start_2node.sh) still use it
+if alive "$RUN/munged.ours" munged && others=$(pgrep -x 'slurm(ctl)?d' | xargs) && [ -n "$others" ]; then
+  echo "[slurm-local] munged (pid $(cat "$RUN/munged.ours")) left running: other slurm daemons use it (pids $others)"
+  rm -f "$RUN/munged.ours"
+fi
+stop_group munged
 exit $rc
