@@ -6,8 +6,9 @@ PY      ?= python3
 VENV    := .venv
 VPY     := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed
-# ffcv compiles against OpenCV and libjpeg-turbo; the test suite starts a real SLURM cluster.
-SYS_PKGS := pkg-config libopencv-dev libturbojpeg0-dev slurmctld slurmd slurm-client munge
+# ffcv compiles against OpenCV and libjpeg-turbo, pydensecrf2 (the crf extra) builds with g++; the test suite
+# starts a real SLURM cluster.
+SYS_PKGS := pkg-config g++ libopencv-dev libturbojpeg0-dev slurmctld slurmd slurm-client munge
 SUDO    := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 PYTEST_ARGS ?=
 
@@ -29,7 +30,7 @@ system-packages:
 $(STAMP): pyproject.toml | system-packages
 	@[ -x $(VPY) ] || $(PY) -m venv $(VENV)
 	$(VPY) -m pip install -q torch==2.14.1 torchvision==0.29.1
-	$(VPY) -m pip install -q -e '.[dev]'
+	$(VPY) -m pip install -q -e '.[dev,crf]'
 	@touch $(STAMP)
 
 # make demo LAUNCHER=sbatch: the training runs as jobs on a running SLURM cluster (make slurm-up starts

@@ -24,6 +24,7 @@ from engine.provenance import file_sha256
 from experiments.compare import (
     PAPER_TABLE6,
     CompareConfig,
+    EvaluateConfig,
     PretrainStageConfig,
     StageConfig,
     plan,
@@ -675,3 +676,175 @@ def test_demo_verdict_compares_every_network_with_chance(tmp_path: Path, capsys:
     record["segmentation"]["resnet50+gcn_br"] = None  # not finished
     (tmp_path / "table6.json").write_text(json.dumps(record))
     assert verdict(tmp_path) is False and "not finished" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------------------------------------
+# evaluate.crf: scores with the dense CRF beside the plain ones, never mixed
+# ---------------------------------------------------------------------------------------------
+def _fake_score(run, crf: bool, miou: float, tp: int) -> Path:
+    """A score file as segmentation.evaluate writes it, for run.final (with CRF or without), 2 images x 2 classes."""
+    import numpy as np
+
+    from experiments.compare.collect import eval_json, eval_settings
+
+    ev = EvaluateConfig(boundary_width=2, crf=True)
+    path = eval_json(run, ev, crf)
+    record = {"checkpoint": str(run.final), "weights_sha256": file_sha256(run.final), **eval_settings(run, ev, crf)
+              .to_json(), "miou": miou, "pixel_acc": 0.9, "boundary_acc": 0.5, "internal_acc": 0.95, "images": 2}
+    if crf:
+        record.update(crf_seconds_per_image=0.02, crf_cpu_seconds_per_image=0.02, crf_workers=2)
+    path.write_text(json.dumps(record))
+    np.savez(path.with_suffix(".per_image.npz"), names=np.array(["a", "b"]),
+             tp_fp_fn=np.array([[[tp, 2, 2], [tp, 2, 2]]] * 2), band=np.ones((2, 4), np.int64))
+    return path
+
+
+def test_crf_scores_have_their_own_files_records_and_reuse(tmp_path: Path) -> None:
+    from experiments.compare.collect import crf_variants, eval_json, finetune_record, score_problem
+
+    cfg = _tiny_config(tmp_path)
+    cfg.evaluate = EvaluateConfig(boundary_width=2, crf=True)
+    run = next(r for r in plan(cfg) if r.kind == "finetune")
+    run.dir.mkdir(parents=True)
+    run.final.write_bytes(b"weights")
+    assert crf_variants(cfg.evaluate) == (False, True) and crf_variants(EvaluateConfig()) == (False,)
+    plain, crf = eval_json(run, cfg.evaluate), eval_json(run, cfg.evaluate, crf=True)
+    assert plain.name == SCORE and crf.name == SCORE.replace(".json", "_crf.json")  # never the same file
+    _fake_score(run, crf=False, miou=0.5, tp=10)
+    assert score_problem(run, cfg.evaluate) is None
+    assert score_problem(run, cfg.evaluate, crf=True) == "no score yet with CRF"
+    assert finetune_record(run, cfg.evaluate, crf=True) is None
+    _fake_score(run, crf=True, miou=0.6, tp=20)
+    rec, rec_crf = finetune_record(run, cfg.evaluate), finetune_record(run, cfg.evaluate, crf=True)
+    assert rec["miou"] == 50.0 and rec["crf"] is None and rec["source"] == str(plain)
+    assert rec_crf["miou"] == 60.0 and rec_crf["source"] == str(crf) and rec_crf["crf_seconds_per_image"] == 0.02
+    assert rec_crf["crf"] == {"iters": 10, "bi_w": 4.0, "bi_xy_std": 67.0, "bi_rgb_std": 3.0, "pos_w": 3.0,
+                              "pos_xy_std": 3.0}  # DeepLab's defaults
+    # a CRF score under other CRF parameters is not reused; nor is a plain score passed off as a CRF one
+    record = json.loads(crf.read_text())
+    crf.write_text(json.dumps({**record, "crf": {**record["crf"], "bi_w": 5.0}}))
+    assert "other settings (crf)" in score_problem(run, cfg.evaluate, crf=True)
+    crf.write_text(json.dumps({**record, "crf": None}))
+    assert "other settings (crf)" in score_problem(run, cfg.evaluate, crf=True)
+
+
+def test_evaluate_crf_without_pydensecrf_is_refused_before_anything_runs(tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    from engine.config import ConfigError
+
+    cfg = _tiny_config(tmp_path)
+    cfg.evaluate.crf = True
+    cfg.validate()  # installed here (the crf extra)
+    monkeypatch.setitem(sys.modules, "pydensecrf", None)
+    monkeypatch.setitem(sys.modules, "pydensecrf.densecrf", None)
+    with pytest.raises(ConfigError, match=r"evaluate\.crf: .*pip install 'pydensecrf2>=1\.1'"):
+        cfg.validate()
+    cfg.evaluate.crf = False
+    cfg.validate()
+
+
+def test_evaluate_runs_scores_each_finetune_with_and_without_crf(tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib
+
+    import segmentation.evaluate
+
+    collect = importlib.import_module("experiments.compare.collect")  # the module, not the function of that name
+    cfg = _tiny_config(tmp_path)
+    cfg.evaluate = EvaluateConfig(boundary_width=2, crf=True)
+    run = next(r for r in plan(cfg) if r.kind == "finetune")
+    run.dir.mkdir(parents=True)
+    run.final.write_bytes(b"weights")
+    calls: list[list[str]] = []
+
+    def fake_main(argv: list[str]) -> int:
+        calls.append(argv)
+        _fake_score(run, crf="--crf" in argv, miou=0.5, tp=10)
+        return 0
+
+    monkeypatch.setattr(segmentation.evaluate, "main", fake_main)
+    done = collect.evaluate_runs([run], cfg.evaluate)
+    assert len(calls) == 2 and "--crf" not in calls[0]
+    crf_argv = " ".join(calls[1])
+    assert ("--crf --crf-iters 10 --crf-bi-w 4 --crf-bi-xy-std 67 --crf-bi-rgb-std 3 --crf-pos-w 3 --crf-pos-xy-std 3"
+            in crf_argv) and str(run.dir / "predictions_crf") in crf_argv  # Figure 6 keeps the network's PNGs
+    assert done == {str(run.dir): run.dir / SCORE, f"{run.dir}+crf": run.dir / SCORE.replace(".json", "_crf.json")}
+    collect.evaluate_runs([run], cfg.evaluate)  # both current: nothing evaluated again
+    assert len(calls) == 2
+    cfg.evaluate.crf = False
+    collect.evaluate_runs([run], cfg.evaluate)
+    assert len(calls) == 2
+
+
+def test_gather_keeps_crf_cells_and_comparisons_apart_from_the_plain_ones(tmp_path: Path) -> None:
+    from experiments.compare.collect import gather
+
+    cfg = _tiny_config(tmp_path)
+    cfg.evaluate = EvaluateConfig(boundary_width=2, crf=True)
+    cfg.stats.replicates = 50
+    runs = plan(cfg)
+    for r in runs:
+        if r.kind == "finetune":
+            r.dir.mkdir(parents=True)
+            r.final.write_bytes(r.name.encode())
+            gcn = r.backbone == "resnet50_gcn"
+            _fake_score(r, crf=False, miou=0.5, tp=10 + gcn)
+            _fake_score(r, crf=True, miou=0.7, tp=30 + 5 * gcn)
+    result = gather(cfg, runs, score=False)
+    assert result["crf"] is True and result["evaluation"]["segmentation"]["crf"] is None
+    assert result["evaluation"]["segmentation_crf"]["crf"]["iters"] == 10
+    for key in ("resnet10t+gcn_br", "resnet50_gcn+baseline"):
+        assert result["segmentation"][key]["miou"] == 50.0 and result["segmentation_crf"][key]["miou"] == 70.0
+        assert result["segmentation"][key]["runs"]["0"]["crf"] is None
+        assert result["segmentation_crf"][key]["runs"]["0"]["crf"]["bi_w"] == 4.0
+    plain = {(c["a"], c["b"]): c for c in result["comparisons"]}
+    crf = {(c["a"], c["b"]): c for c in result["comparisons_crf"]}
+    assert plain.keys() == crf.keys() and not any(c["crf"] for c in plain.values())
+    assert all(c["crf"] for c in crf.values())
+    label = ("resnet10t+gcn_br", "resnet50_gcn+gcn_br")
+    # each from its own counts: plain tp 10 vs 11, CRF tp 30 vs 35 (IoU tp / (tp + 4) per class)
+    assert plain[label]["estimate"] == pytest.approx(100 * (11 / 15 - 10 / 14), abs=0.01)
+    assert crf[label]["estimate"] == pytest.approx(100 * (35 / 39 - 30 / 34), abs=0.01)
+    cfg.evaluate.crf = False  # not asked for: no CRF keys at all
+    result = gather(cfg, runs, score=False)
+    assert result["crf"] is False and "segmentation_crf" not in result and "comparisons_crf" not in result
+
+
+def test_table_markdown_shows_crf_rows_and_comparisons_apart_without_paper_figures() -> None:
+    from segmentation.crf import CRFParams
+
+    def cells(miou: float) -> dict:
+        return {"resnet50+baseline": _cell(miou, 0.5, 2, boundary_acc=40.0, internal_acc=90.0),
+                "resnet50+gcn_br": _cell(miou + 5, None, 1, boundary_acc=45.0, internal_acc=91.0),
+                "resnet50_gcn+baseline": None, "resnet50_gcn+gcn_br": None}
+
+    crf_cells = cells(63.0)
+    crf_cells["resnet50+baseline"]["runs"] = {"0": {"crf_seconds_per_image": 0.05},
+                                              "1": {"crf_seconds_per_image": 0.07}}
+    comparison = {"label": "GCN + BR vs Baseline, ResNet50 backbone", "estimate": 5.0, "seeds": [0], "images": 100,
+                  "paper": 6.6}
+    record = {
+        "backbones": ["resnet50", "resnet50_gcn"], "heads": ["baseline", "gcn_br"], "seeds": [0, 1],
+        "pretrain_seeds": [0], "pretrain": {"resnet50": None, "resnet50_gcn": None}, "crf": True,
+        "segmentation": cells(60.0), "segmentation_crf": crf_cells,
+        "comparisons": [{**comparison, "text": "+5.0 [+1.0, +9.0], significant (GCN + BR better)", "crf": False}],
+        "comparisons_crf": [{**comparison, "text": "+5.0 [+2.0, +8.0], significant (GCN + BR better)", "crf": True}],
+        "evaluation": {"segmentation": {"scales": [0.5, 1.0], "flip": True, "crf": None},
+                       "segmentation_crf": {"scales": [0.5, 1.0], "flip": True, "crf": vars(CRFParams())}},
+        "stats": {"confidence": 0.95, "replicates": 2000, "seed": 0}, "chance_miou": None, "missing": [],
+    }
+    md = table_markdown(record)
+    rows = _md_rows(md)
+    assert rows["Seg. score, Baseline (mIoU %)"] == ["60.0 ± 0.5 (n=2)", "65.7", "–", "71.2"]
+    assert rows["Seg. score, Baseline + CRF (mIoU %)"] == ["63.0 ± 0.5 (n=2)", "", "–", ""]  # Table 6 has no CRF
+    assert rows["Seg. score, GCN + BR + CRF (mIoU %)"][0] == "68.0 (n=1)"
+    assert rows["GCN + BR + CRF: boundary / internal acc. (%)"][0] == "45.0 / 91.0"
+    assert ("| GCN + BR vs Baseline, ResNet50 backbone | +5.0 [+1.0, +9.0], significant (GCN + BR better) | 1 | 100 "
+            "| +6.6 |") in md
+    assert ("| GCN + BR vs Baseline, ResNet50 backbone, both + CRF | +5.0 [+2.0, +8.0], significant (GCN + BR "
+            "better) | 1 | 100 |  |") in md
+    assert "segmentation.evaluate --crf; iters 10, bi_w 4, bi_xy_std 67, bi_rgb_std 3, pos_w 3, pos_xy_std 3" in md
+    assert "60 ms of CRF per image on average" in md
+    record["crf"] = False  # collected without evaluate.crf: no CRF row, whatever else the record holds
+    md = table_markdown(record)
+    assert "+ CRF" not in md and "both + CRF" not in md

@@ -16,7 +16,8 @@ lives under ``output``::
     pretrain/<backbone>/seed<s>/          a pretraining run directory (config.yaml, run.json, final.pth,
                                           eval_imagenet_224_crop0.875.json)
     finetune/<backbone>_<head>/seed<s>/   a fine-tuning run directory, + eval_final_<settings>.json
-                                          (and .per_image.npz), predictions/
+                                          (and .per_image.npz), predictions/; with evaluate.crf=true
+                                          also eval_final_<settings>_crf.json, predictions_crf/
     table6.md, table6.json                the table, the comparisons, every figure with its provenance
     table6.png, per_image_difference.png  the table as bars with error bars; where the headline helps/hurts
     figure6_<backbone>.png                input | one column per head | ground truth, per image (Figure 6)
@@ -26,7 +27,9 @@ lives under ``output``::
 Finished runs (a ``final.pth``) are reused, unfinished ones resume from their last checkpoint. A run
 directory whose record differs from the plan (config keys, world size, global batch) is an error that
 names them; a fine-tune whose backbone weights have changed since is moved aside and trained again;
-scores are recomputed when they belong to other weights or settings. Launchers: ``local`` runs the
+scores are recomputed when they belong to other weights or settings. ``evaluate.crf=true`` adds a score
+with the dense CRF per fine-tune ("+ CRF" rows and comparisons, ``segmentation_crf`` and
+``comparisons_crf`` in table6.json), never mixed with the plain ones. Launchers: ``local`` runs the
 stages one after the other (one process per GPU through torchrun on a multi-GPU machine); ``sbatch``
 submits one job per run with ``slurm/imagenet_pretrain.sh`` and ``slurm/segmentation_finetune.sh``
 (``--dependency=afterok``: a fine-tune starts when the pretraining of its backbone and seed has

@@ -4,7 +4,9 @@ and write the table and the figures.
 Reuse is decided by content, never by file times. A fine-tune's score file
 (``segmentation.evaluate.score_path``: ``eval_final_<settings>.json`` and its ``.per_image.npz``) is
 reused when it records the SHA-256 of the current ``final.pth`` and the settings asked for, else the
-fine-tune is evaluated again. A pretraining's ImageNet score under Table 6's protocol
+fine-tune is evaluated again. With ``evaluate.crf`` each fine-tune has a second score, with the dense CRF
+(``eval_final_<settings>_crf.json``), gathered into cells and comparisons of its own
+(``segmentation_crf``, ``comparisons_crf``). A pretraining's ImageNet score under Table 6's protocol
 (``backbone.evaluate``: ``eval_imagenet_224_crop0.875.json``) is reused when it names the current
 ``final.pth`` by hash, the protocol and the validation data, else ``backbone.evaluate`` runs again.
 
@@ -35,9 +37,9 @@ from .config import CompareConfig, EvaluateConfig
 from .plan import Run, StageFailed
 from .table import PAPER_TABLE6, display, table_markdown
 
-__all__ = ["eval_settings", "eval_json", "score_problem", "evaluate_runs", "imagenet_problem", "evaluate_imagenet",
-           "provenance", "pretrain_record", "finetune_record", "aggregate", "comparisons", "chance_miou", "gather",
-           "collect", "PRETRAIN_KEYS", "FINETUNE_KEYS"]
+__all__ = ["eval_settings", "crf_variants", "eval_json", "score_problem", "evaluate_runs", "imagenet_problem",
+           "evaluate_imagenet", "provenance", "pretrain_record", "finetune_record", "aggregate", "comparisons",
+           "chance_miou", "gather", "collect", "PRETRAIN_KEYS", "FINETUNE_KEYS"]
 
 PRETRAIN_KEYS = ("top5_error", "top1_error", "ffcv_top5_error", "ffcv_top1_error")
 FINETUNE_KEYS = ("miou", "pixel_acc", "boundary_acc", "internal_acc")
@@ -51,67 +53,81 @@ def _pct(x: float | None) -> float | None:
 # ---------------------------------------------------------------------------------------------
 # Segmentation scores
 # ---------------------------------------------------------------------------------------------
-def eval_settings(run: Run, ev: EvaluateConfig) -> Any:
+def eval_settings(run: Run, ev: EvaluateConfig, crf: bool = False) -> Any:
     """``segmentation.evaluate.EvalSettings`` of a fine-tune's score: the comparison's evaluation, and the
-    run's own sliding window (its ``eval.window`` / ``eval.overlap``), all stated explicitly."""
+    run's own sliding window (its ``eval.window`` / ``eval.overlap``), all stated explicitly; with ``crf``,
+    followed by the dense CRF with DeepLab's defaults (``segmentation.crf.CRFParams()``)."""
+    from segmentation.crf import CRFParams
     from segmentation.evaluate import MS_SCALES, EvalSettings
 
     cfg = run.stage_config()
     return EvalSettings(cfg.data.val_split, MS_SCALES if ev.ms else (1.0,), ev.flip, cfg.eval.window,
-                        cfg.eval.overlap, ev.max_images, ev.boundary_width)
+                        cfg.eval.overlap, ev.max_images, ev.boundary_width, CRFParams() if crf else None)
 
 
-def eval_json(run: Run, ev: EvaluateConfig) -> Path:
-    """The score file of a fine-tune's ``final.pth`` under the comparison's evaluation settings."""
+def crf_variants(ev: EvaluateConfig) -> tuple[bool, ...]:
+    """The scores the comparison asks of each fine-tune: without CRF, and with it when ``evaluate.crf``."""
+    return (False, True) if ev.crf else (False,)
+
+
+def eval_json(run: Run, ev: EvaluateConfig, crf: bool = False) -> Path:
+    """The score file of a fine-tune's ``final.pth`` under the comparison's evaluation settings (a CRF score
+    has its own file: ``..._crf.json``)."""
     from segmentation.evaluate import score_path
 
-    return score_path(run.final, eval_settings(run, ev))
+    return score_path(run.final, eval_settings(run, ev, crf))
 
 
-def score_problem(run: Run, ev: EvaluateConfig) -> str | None:
-    """Why the score file cannot be used for ``run.final`` (missing, other weights, other settings), or None."""
-    path = eval_json(run, ev)
+def score_problem(run: Run, ev: EvaluateConfig, crf: bool = False) -> str | None:
+    """Why the score file cannot be used for ``run.final`` (missing, other weights, other settings, with or
+    without CRF), or None."""
+    path = eval_json(run, ev, crf)
     if not path.exists() or not path.with_suffix(".per_image.npz").exists():
-        return "no score yet"
+        return "no score yet" + (" with CRF" if crf else "")
     record = json.loads(path.read_text())
     if record.get("weights_sha256") != file_sha256(run.final):
         return f"{path.name} scored other weights"
-    wanted = eval_settings(run, ev).to_json()
+    wanted = eval_settings(run, ev, crf).to_json()
     differ = [k for k, v in wanted.items() if record.get(k) != v]
     if differ:
         return f"{path.name} was computed with other settings ({', '.join(differ)})"
     return None
 
 
-def _evaluate(run: Run, ev: EvaluateConfig, out: Path) -> None:
+def _evaluate(run: Run, ev: EvaluateConfig, out: Path, crf: bool = False) -> None:
     from segmentation.evaluate import main as evaluate_main
 
-    s = eval_settings(run, ev)
-    argv = ["--checkpoint", str(run.final), "--out", str(out), "--save-png", str(run.dir / "predictions"),
+    s = eval_settings(run, ev, crf)
+    # the CRF's predictions in their own folder: Figures 3 and 6 show the network's
+    argv = ["--checkpoint", str(run.final), "--out", str(out),
+            "--save-png", str(run.dir / ("predictions_crf" if crf else "predictions")),
             "--boundary-width", str(s.boundary_width), "--max-images", str(s.max_images), "--split", s.split,
             "--window", str(s.window), "--overlap", repr(s.overlap),
-            *(["--ms"] if ev.ms else []), *(["--flip"] if ev.flip else [])]
+            *(["--ms"] if ev.ms else []), *(["--flip"] if ev.flip else []), *(s.crf.cli().split() if crf else [])]
     # in this process (no second start-up of torch and timm per run); the per-class table goes to a log
     report = out.with_suffix(".txt")
     with report.open("w") as f, contextlib.redirect_stdout(f):
         rc = evaluate_main(argv)
     if rc != 0:
-        raise StageFailed(f"evaluating {run.final} failed (exit {rc}); the error is above, the report in {report}")
+        raise StageFailed(f"evaluating {run.final}{' with CRF' if crf else ''} failed (exit {rc}); the error is "
+                          f"above, the report in {report}")
 
 
 def evaluate_runs(runs: Sequence[Run], ev: EvaluateConfig, skip: Collection[Path] = ()) -> dict[str, Path]:
     """Evaluate every finished fine-tune (except the directories in ``skip``) whose score is missing or
-    belongs to other weights or settings; {run dir: score JSON}."""
+    belongs to other weights or settings, with and without CRF as ``ev.crf`` asks; {run dir: score JSON}
+    (the CRF's under ``<run dir>+crf``)."""
     done = {}
     for run in runs:
         if run.kind != "finetune" or not run.finished or run.dir in skip:
             continue
-        out = eval_json(run, ev)
-        problem = score_problem(run, ev)
-        if problem is not None:
-            print(f"evaluate {run.name} ({problem}) -> {out}", flush=True)
-            _evaluate(run, ev, out)
-        done[str(run.dir)] = out
+        for crf in crf_variants(ev):
+            out = eval_json(run, ev, crf)
+            problem = score_problem(run, ev, crf)
+            if problem is not None:
+                print(f"evaluate {run.name}{' with CRF' if crf else ''} ({problem}) -> {out}", flush=True)
+                _evaluate(run, ev, out, crf)
+            done[str(run.dir) + ("+crf" if crf else "")] = out
     return done
 
 
@@ -205,18 +221,23 @@ def pretrain_record(run: Run, score: bool = True) -> dict[str, Any] | None:
             "ffcv": ffcv, "run": provenance(run)}
 
 
-def finetune_record(run: Run, ev: EvaluateConfig) -> dict[str, Any] | None:
-    """The scores (%) of a finished fine-tune whose score file is current, with the files, the weights'
-    hash, the settings and the run's provenance; or None."""
-    if not run.finished or score_problem(run, ev) is not None:
+def finetune_record(run: Run, ev: EvaluateConfig, crf: bool = False) -> dict[str, Any] | None:
+    """The scores (%) of a finished fine-tune whose score file (with CRF or without) is current, with the
+    files, the weights' hash, the settings, ``crf`` (the CRF's parameters, or None) and the run's
+    provenance; or None. With ``crf``, also the CRF's time per image."""
+    if not run.finished or score_problem(run, ev, crf) is not None:
         return None
-    out = eval_json(run, ev)
+    out = eval_json(run, ev, crf)
     s = json.loads(out.read_text())
-    return {"seed": run.seed, "miou": _pct(s["miou"]), "pixel_acc": _pct(s["pixel_acc"]),
-            "boundary_acc": _pct(s["boundary_acc"]), "internal_acc": _pct(s["internal_acc"]), "images": s["images"],
-            "source": str(out), "per_image": str(out.with_suffix(".per_image.npz")),
-            "weights_sha256": s["weights_sha256"], "settings": eval_settings(run, ev).to_json(),
-            "eval_code_version": s.get("code_version"), "run": provenance(run)}
+    settings = eval_settings(run, ev, crf).to_json()
+    record = {"seed": run.seed, "miou": _pct(s["miou"]), "pixel_acc": _pct(s["pixel_acc"]),
+              "boundary_acc": _pct(s["boundary_acc"]), "internal_acc": _pct(s["internal_acc"]),
+              "images": s["images"], "crf": settings["crf"], "source": str(out),
+              "per_image": str(out.with_suffix(".per_image.npz")), "weights_sha256": s["weights_sha256"],
+              "settings": settings, "eval_code_version": s.get("code_version"), "run": provenance(run)}
+    if crf:
+        record["crf_seconds_per_image"] = s.get("crf_seconds_per_image")
+    return record
 
 
 def aggregate(records: dict[int, dict[str, Any] | None], keys: Sequence[str]) -> dict[str, Any] | None:
@@ -340,19 +361,37 @@ def gather(cfg: CompareConfig, runs: Sequence[Run], stale: dict[Path, str] | Non
     stale = stale or {}
     pre = {b: aggregate({r.seed: pretrain_record(r, score) for r in rs}, PRETRAIN_KEYS)
            for b, rs in _by_network(runs, "pretrain").items()}
-    seg = {key: aggregate({r.seed: None if r.dir in stale else finetune_record(r, cfg.evaluate) for r in rs},
-                          FINETUNE_KEYS)
-           for key, rs in _by_network(runs, "finetune").items()}
     finetunes = [r for r in runs if r.kind == "finetune"]
+
+    def cells(crf: bool) -> dict[str, dict[str, Any] | None]:
+        return {key: aggregate({r.seed: None if r.dir in stale else finetune_record(r, cfg.evaluate, crf)
+                                for r in rs}, FINETUNE_KEYS)
+                for key, rs in _by_network(runs, "finetune").items()}
+
+    def settings(crf: bool) -> dict[str, Any] | None:
+        return eval_settings(finetunes[0], cfg.evaluate, crf).to_json() if finetunes else None
+
+    seg = cells(False)
+    # with evaluate.crf, the CRF's scores in keys of their own: a cell, a comparison, an interval never
+    # mixes scores with and without CRF
+    with_crf = {}
+    if cfg.evaluate.crf:
+        seg_crf = cells(True)
+        with_crf = {"segmentation_crf": seg_crf,
+                    "comparisons_crf": [{**c, "crf": True}
+                                        for c in comparisons(seg_crf, cfg.backbones, cfg.heads, cfg.stats)]}
     return {
         "backbones": list(cfg.backbones), "heads": list(cfg.heads), "seeds": list(cfg.seeds),
         "pretrain_seeds": cfg.pretrain_seeds,
         "pretrain": pre,
+        "crf": cfg.evaluate.crf,  # whether segmentation_crf / comparisons_crf are there
         "segmentation": seg,
-        "comparisons": comparisons(seg, cfg.backbones, cfg.heads, cfg.stats),
+        "comparisons": [{**c, "crf": False} for c in comparisons(seg, cfg.backbones, cfg.heads, cfg.stats)],
+        **with_crf,
         "chance_miou": chance_miou(finetunes[0]) if finetunes else None,
         "paper": PAPER_TABLE6,
-        "evaluation": {"segmentation": eval_settings(finetunes[0], cfg.evaluate).to_json() if finetunes else None},
+        "evaluation": {"segmentation": settings(False),
+                       **({"segmentation_crf": settings(True)} if cfg.evaluate.crf else {})},
         "stats": {"confidence": cfg.stats.confidence, "replicates": cfg.stats.replicates, "seed": cfg.stats.seed,
                   "procedure": "hierarchical paired bootstrap: seeds (paired by number) resampled, then validation "
                                "images (the same for both arms), mIoU from summed per-image counts; percentile "

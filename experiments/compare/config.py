@@ -33,6 +33,9 @@ class EvaluateConfig:
     flip: bool = False
     boundary_width: int = 5
     max_images: int = 0  # 0: the whole validation split
+    # also score every fine-tune with the dense CRF (segmentation.evaluate --crf, DeepLab's defaults) on the
+    # same inference: extra "+ CRF" rows and comparisons beside the plain ones, never mixed with them
+    crf: bool = False
 
 
 @dataclass
@@ -99,6 +102,13 @@ class CompareConfig:
                 raise ConfigError(f"{key} must list distinct seeds >= 0, got {seeds}")
         if not self.seeds:
             raise ConfigError("seeds must name at least one seed, e.g. seeds=[0] or seeds=[0, 1, 2]")
+        if self.evaluate.crf:  # before hours of training, not at the collect step
+            from segmentation.crf import CRFUnavailableError, require_pydensecrf
+
+            try:
+                require_pydensecrf()
+            except CRFUnavailableError as e:
+                raise ConfigError(f"evaluate.crf: {e}") from e
         if not 0 < self.stats.confidence < 1 or self.stats.replicates < 1:
             raise ConfigError(f"stats: need 0 < confidence < 1 and replicates >= 1, got {self.stats.confidence} "
                               f"and {self.stats.replicates}")

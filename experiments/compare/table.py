@@ -1,9 +1,10 @@
 """Table 6 as markdown: the paper's figures (``PAPER_TABLE6``), ours beside them as mean ± standard deviation
 over seeds (n), the comparisons with their intervals and verdicts, and notes that say what each row measures.
 
-``table_rows`` orders the rows as the paper does, then our extra ones (top-1 error, ffcv-imagenet's
-validation protocol, boundary / internal accuracy); ``table_markdown`` renders the JSON record of
-``collect.gather``, a dash where no seed of a run has finished.
+``table_rows`` orders the rows as the paper does, then our extra ones (with ``evaluate.crf``: each head's mIoU
+after the dense CRF, "+ CRF"; top-1 error, ffcv-imagenet's validation protocol, boundary / internal
+accuracy); ``table_markdown`` renders the JSON record of ``collect.gather``, a dash where no seed of a run has
+finished. Scores with CRF have rows and comparisons of their own, never mixed with the plain ones.
 """
 from __future__ import annotations
 
@@ -53,17 +54,23 @@ def table_rows(result: dict[str, Any]) -> list[Row]:
     ffcv = _ffcv_label(result)
     rows: list[Row] = [("ImageNet cls top-5 error (%)", "imagenet_top5_error",
                         {b: cell_summary(pre.get(b), "top5_error") for b in bs})]
+    crf = result.get("segmentation_crf") if result.get("crf") else None
     for h in heads:
         key = f"miou_{h}" if f"miou_{h}" in PAPER_TABLE6 else ""
         rows.append((f"Seg. score, {display(h)} (mIoU %)", key,
                      {b: cell_summary(seg.get(f"{b}+{h}"), "miou") for b in bs}))
+    if crf is not None:  # Table 6 has no CRF: no paper figure beside these
+        for h in heads:
+            rows.append((f"Seg. score, {display(h)} + CRF (mIoU %)", "",
+                         {b: cell_summary(crf.get(f"{b}+{h}"), "miou") for b in bs}))
     rows.append(("ImageNet cls top-1 error (%)", "", {b: cell_summary(pre.get(b), "top1_error") for b in bs}))
     rows.append((f"ImageNet top-5 error (%), {ffcv}", "", {b: cell_summary(pre.get(b), "ffcv_top5_error") for b in bs}))
     rows.append((f"ImageNet top-1 error (%), {ffcv}", "", {b: cell_summary(pre.get(b), "ffcv_top1_error") for b in bs}))
-    for h in heads:
-        rows.append((f"{display(h)}: boundary / internal acc. (%)", "",
-                     {b: (cell_summary(seg.get(f"{b}+{h}"), "boundary_acc"),
-                          cell_summary(seg.get(f"{b}+{h}"), "internal_acc")) for b in bs}))
+    for cells, suffix in ((seg, ""), *(((crf, " + CRF"),) if crf is not None else ())):
+        for h in heads:
+            rows.append((f"{display(h)}{suffix}: boundary / internal acc. (%)", "",
+                         {b: (cell_summary(cells.get(f"{b}+{h}"), "boundary_acc"),
+                              cell_summary(cells.get(f"{b}+{h}"), "internal_acc")) for b in bs}))
     return rows
 
 
@@ -82,7 +89,8 @@ def _row_cells(key: str, values: dict[str, Any], backbones: list[str]) -> str:
 
 
 def _comparison_lines(result: dict[str, Any]) -> list[str]:
-    comps = result.get("comparisons") or []
+    # with CRF: each comparison again between the two arms' CRF scores (its own interval; Table 6 has no CRF)
+    comps = (result.get("comparisons") or []) + ((result.get("comparisons_crf") or []) if result.get("crf") else [])
     if not comps:
         return []
     st = result.get("stats") or {}
@@ -90,6 +98,8 @@ def _comparison_lines(result: dict[str, Any]) -> list[str]:
     lines = ["", f"## Differences in mIoU points (B - A), {conf} % interval and verdict", "",
              "| comparison | ours | seeds | images | paper |", "|---|---|---:|---:|---:|"]
     for c in comps:
+        if c.get("crf"):
+            c = {**c, "label": f"{c['label']}, both + CRF", "paper": None}
         paper = "" if c.get("paper") is None else f"{c['paper']:+.1f}"
         n = "–" if c.get("estimate") is None else str(len(c["seeds"]))
         images = "–" if c.get("estimate") is None else str(c["images"])
@@ -127,6 +137,8 @@ def _notes(result: dict[str, Any]) -> list[str]:
              f"mIoU: final.pth of each fine-tune on the validation split ({inference}), IoU per class from the "
              "confusion counts over all images, averaged over the classes present. Paper: Peng et al., Table 6 "
              "(ImageNet; PASCAL VOC 2012 val)."]
+    if result.get("crf"):
+        lines.append(_crf_note(result))
     if result.get("chance_miou") is not None:
         lines.append(f"Chance (background everywhere) on the same split: mIoU {result['chance_miou']:.1f}%.")
     if result.get("stale"):
@@ -137,6 +149,18 @@ def _notes(result: dict[str, Any]) -> list[str]:
                      + ", ".join(result["missing"]) + ".")
     lines.append("Every figure's source file, weights hash, settings and run provenance are in table6.json.")
     return lines
+
+
+def _crf_note(result: dict[str, Any]) -> str:
+    """What the "+ CRF" rows are: the inference above, then the dense CRF with these parameters; its time."""
+    p = ((result.get("evaluation") or {}).get("segmentation_crf") or {}).get("crf") or {}
+    params = ", ".join(f"{k} {v:g}" for k, v in p.items()) if p else "DeepLab's defaults"
+    times = [rec["crf_seconds_per_image"] for cell in (result.get("segmentation_crf") or {}).values()
+             for rec in (cell or {}).get("runs", {}).values() if rec.get("crf_seconds_per_image") is not None]
+    time = f"; {1000 * sum(times) / len(times):.0f} ms of CRF per image on average" if times else ""
+    return ("+ CRF rows: the same final.pth and inference, the class probabilities then refined by the fully "
+            f"connected CRF (segmentation.evaluate --crf; {params}){time}. Their scores, spreads and comparisons "
+            "use CRF scores only (eval_final_<settings>_crf.json); Table 6 of the paper has no CRF.")
 
 
 def table_markdown(result: dict[str, Any]) -> str:
