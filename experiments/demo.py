@@ -8,7 +8,7 @@
 2. writes its ImageNet half to ``train.beton`` / ``val.beton`` (``backbone.write_beton``);
 3. runs the comparison of ``configs/demo.yaml`` (``experiments.compare``): pretraining of ResNet50
    and ResNet50-GCN (once each, seed 0), each fine-tuned with the baseline and the GCN + BR heads once
-   per seed (3 seeds), evaluation, ``table6.md`` with mean ± sd over seeds and every comparison's
+   per seed (2 seeds), evaluation, ``table6.md`` with mean ± sd over seeds and every comparison's
    interval and verdict, the bar chart with error bars, the per-image difference figure, Figure 6
    and Figure 3;
 4. prints each network's mIoU beside chance (background everywhere) and says whether it learned,
