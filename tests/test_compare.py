@@ -140,7 +140,8 @@ def test_local_run_writes_table_json_chart_and_figures(table: dict) -> None:
         assert c["seeds"] == SEEDS and c["images"] == TINY_SPEC.voc_val and c["replicates"] == 500
         assert c["low"] <= c["estimate"] <= c["high"] and DIFFERENCE.match(c["text"]), c["text"]
         assert f"| {c['label']} | {c['text']} | 2 | {TINY_SPEC.voc_val} |" in md
-    for key in ("chart", f"figure6_{BACKBONES[0]}", f"figure6_{BACKBONES[1]}", "figure3", "per_image_difference"):
+    for key in ("chart", f"figure6_{BACKBONES[0]}", f"figure6_{BACKBONES[1]}", "figure3", "per_image_difference",
+                "curves_pretrain", "curves_finetune"):
         with Image.open(record["files"][key]) as im:
             assert im.size[0] > 200 and im.size[1] > 100, key
     vrf = json.loads((out / "figure3" / "receptive_field.json").read_text())
@@ -848,3 +849,26 @@ def test_table_markdown_shows_crf_rows_and_comparisons_apart_without_paper_figur
     record["crf"] = False  # collected without evaluate.crf: no CRF row, whatever else the record holds
     md = table_markdown(record)
     assert "+ CRF" not in md and "both + CRF" not in md
+
+
+def test_stage_curves_put_every_run_side_by_side_and_skip_what_has_no_records(tmp_path: Path) -> None:
+    from experiments.compare.collect import draw_stage_curves
+    from experiments.compare.plan import Run
+
+    runs = []
+    for seed in (0, 1):
+        d = tmp_path / f"ft{seed}"
+        d.mkdir()
+        (d / "metrics.jsonl").write_text("".join(
+            json.dumps({"kind": "train", "step": s, "loss": 1.0 / (s + seed + 1)}) + "\n" for s in range(5))
+            + json.dumps({"kind": "val", "step": 4, "miou": 0.5 + seed / 10}) + "\n")
+        runs.append(Run(kind="finetune", backbone="resnet50", head="gcn_br", seed=seed, dir=d,
+                        config=tmp_path / "ft.yaml", overrides=[]))
+    runs.append(Run(kind="pretrain", backbone="resnet50", head=None, seed=0, dir=tmp_path / "not_started",
+                    config=tmp_path / "pre.yaml", overrides=[]))
+    written = draw_stage_curves(runs, tmp_path)
+    assert written["curves_pretrain"] is None  # no metrics.jsonl yet: nothing to draw, no empty figure
+    assert not (tmp_path / "curves_pretrain.png").exists()
+    with Image.open(written["curves_finetune"]) as im:
+        assert im.size[0] > 500
+    assert draw_stage_curves(runs, tmp_path, skip={r.dir for r in runs[:2]}).get("curves_finetune") is None

@@ -22,6 +22,7 @@ lives under ``output``::
     table6.png, per_image_difference.png  the table as bars with error bars; where the headline helps/hurts
     figure6_<backbone>.png                input | one column per head | ground truth, per image (Figure 6)
     figure3/receptive_field.png           valid receptive field of every fine-tuned network (Figure 3)
+    curves_pretrain.png, curves_finetune.png  every run of the stage side by side: loss and validation metric
     logs/                                 SLURM job logs; jobs.json: the job ids submitted per run
 
 Finished runs (a ``final.pth``) are reused, unfinished ones resume from their last checkpoint. A run

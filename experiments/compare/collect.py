@@ -428,10 +428,25 @@ def _draw_figures(cfg: CompareConfig, runs: Sequence[Run], result: dict[str, Any
     first = _first_seed_runs(runs, skip)
     if first and cfg.figures.vrf_images > 0:
         written["figure3"] = figures.receptive_field_figure(list(first.values()), out / "figure3", cfg.figures)
+    written.update(draw_stage_curves(runs, out, skip))
     headline = headline_comparison(result, cfg.figures.headline_head)
     if headline is not None and headline.get("estimate") is not None:
         written["per_image_difference"] = figures.per_image_difference(
             result, headline, runs, out / "per_image_difference.png", cfg.figures.difference_images)
+    return written
+
+
+def draw_stage_curves(runs: Sequence[Run], out: Path, skip: Collection[Path] = ()) -> dict[str, Path | None]:
+    """``curves_pretrain.png`` and ``curves_finetune.png``: every run of the stage side by side, training loss
+    and validation metric against the step, one line per run and seed (from each run's ``metrics.jsonl``,
+    finished or not, so a partial output shows how far each run got)."""
+    from engine.curves import draw_curves
+
+    written: dict[str, Path | None] = {}
+    for kind, title in (("pretrain", "pretraining"), ("finetune", "fine-tuning")):
+        mine = {f"{r.network} s{r.seed}": r.dir for r in runs if r.kind == kind and r.dir not in skip}
+        if mine:
+            written[f"curves_{kind}"] = draw_curves(mine, out / f"curves_{kind}.png", title=title)
     return written
 
 
