@@ -179,7 +179,7 @@ def test_every_figure_names_its_weights_settings_and_run(table: dict) -> None:
                 rec = record["segmentation"][f"{b}+{h}"]["runs"][str(s)]
                 assert rec["weights_sha256"] == file_sha256(ft_dir / "final.pth")
                 assert rec["settings"] == {"split": "val", "scales": [1.0], "flip": False, "window": 0, "overlap": 0.34,
-                                           "max_images": 0, "boundary_width": 2}
+                                           "max_images": 0, "boundary_width": 2, "crf": None}
                 run_json = json.loads((ft_dir / "run.json").read_text())
                 assert {k: rec["run"][k] for k in run_fields} == {k: run_json[k] for k in run_fields}
                 assert rec["run"]["seed"] == s and rec["run"]["global_batch"] == 4 and rec["run"]["world_size"] == 1
