@@ -11,6 +11,9 @@ STAMP   := $(VENV)/.installed
 SYS_PKGS := pkg-config g++ libopencv-dev libturbojpeg0-dev slurmctld slurmd slurm-client munge
 SUDO    := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 PYTEST_ARGS ?=
+# pytest-xdist: one worker per core, at most 8; tests/conftest.py says which tests go together and why.
+# PYTEST_PARALLEL= runs the suite in one process.
+PYTEST_PARALLEL ?= -n auto --dist loadfile --no-loadscope-reorder
 
 .PHONY: setup system-packages demo slurm-up slurm-down slurm-2node-up slurm-2node-down test lint bench clean gpu-check
 
@@ -55,7 +58,7 @@ slurm-2node-down:
 
 test: setup
 	$(VPY) -m ruff check .
-	$(VPY) -m pytest $(PYTEST_ARGS)
+	$(VPY) -m pytest $(PYTEST_PARALLEL) $(PYTEST_ARGS)
 
 lint: setup
 	$(VPY) -m ruff check .

@@ -48,6 +48,23 @@ def compare(*args: str) -> subprocess.CompletedProcess:
     return run_watched([sys.executable, "-m", "experiments.compare", *args], cwd=ROOT)
 
 
+@pytest.fixture
+def compare_here(capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch):
+    """``experiments.compare``'s ``main`` in this process, for calls that plan, check or refuse and start no
+    stage: the code of ``python -m experiments.compare`` without a new interpreter's start-up (several seconds
+    each, with torch and timm to import; the module fixture runs the command itself)."""
+    from experiments.compare import main
+
+    monkeypatch.chdir(ROOT)  # relative config paths, as from the repository root
+
+    def call(*args: str) -> subprocess.CompletedProcess:
+        capsys.readouterr()
+        code = main(list(args))
+        out = capsys.readouterr()
+        return subprocess.CompletedProcess(["experiments.compare", *args], code, out.out, out.err)
+    return call
+
+
 @pytest.fixture(scope="module")
 def shapes_data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     from backbone.write_beton import WriterSettings, write_beton
@@ -206,25 +223,25 @@ def test_second_call_reuses_finished_runs_and_collect_trains_nothing(table: dict
 
 
 @pytest.mark.slow
-def test_changed_recipe_of_a_finished_run_is_an_error_naming_the_key(table: dict) -> None:
+def test_changed_recipe_of_a_finished_run_is_an_error_naming_the_key(table: dict, compare_here) -> None:
     overrides = [o.replace("train.iterations=4", "train.iterations=4, optim.lr=0.5") for o in table["overrides"]]
-    proc = compare(*overrides)
+    proc = compare_here(*overrides)
     assert proc.returncode == 2
     assert "another recipe" in proc.stderr and "optim.lr: 0.01 -> 0.5" in proc.stderr and "output=" in proc.stderr
 
 
 @pytest.mark.slow
-def test_a_planned_world_size_other_than_the_recorded_one_is_a_recipe_change(table: dict) -> None:
+def test_a_planned_world_size_other_than_the_recorded_one_is_a_recipe_change(table: dict, compare_here) -> None:
     """The runs trained as one process; the same output planned as SLURM jobs of 2 x 8 tasks is refused."""
     one = "{nodes: 1, tasks_per_node: 1, gpus_per_node: 0, cpus_per_task: 1, time: '00:20:00'}"
     overrides = [*table["overrides"], "launch.pretrain={nodes: 2, tasks_per_node: 8, gpus_per_node: 8}"]
-    proc = compare("--dry-run", "--launcher", "sbatch", "--no-check", *overrides)
+    proc = compare_here("--dry-run", "--launcher", "sbatch", "--no-check", *overrides)
     assert proc.returncode == 2
     assert "world size: 1 -> 16 processes" in proc.stderr and "launch.pretrain = 2 node(s) x 8 task(s)" in proc.stderr
-    proc = compare("--dry-run", "--launcher", "sbatch", "--no-check", *table["overrides"],
+    proc = compare_here("--dry-run", "--launcher", "sbatch", "--no-check", *table["overrides"],
                    f"launch.pretrain={one}", "launch.finetune={nodes: 1, tasks_per_node: 2, gpus_per_node: 2}")
     assert proc.returncode == 2 and "fine-tune" in proc.stderr and "world size: 1 -> 2 processes" in proc.stderr
-    proc = compare("--dry-run", "--launcher", "sbatch", "--no-check", *table["overrides"],
+    proc = compare_here("--dry-run", "--launcher", "sbatch", "--no-check", *table["overrides"],
                    *[f"launch.{s}={one}" for s in ("pretrain", "finetune", "collect")])
     assert proc.returncode == 0 and proc.stdout.count("finished before, reused") == 10, proc.stderr
 
@@ -320,16 +337,17 @@ def test_collect_on_a_partial_output_aggregates_the_seeds_there_and_lists_the_mi
     assert "Seeds finished by one arm only are left out of that comparison: [1]." in md
 
 
-def test_dry_run_shows_commands_and_sbatch_dependencies(shapes_data: dict[str, Path], tmp_path: Path) -> None:
+def test_dry_run_shows_commands_and_sbatch_dependencies(shapes_data: dict[str, Path], tmp_path: Path,
+                                                        compare_here) -> None:
     overrides = tiny_overrides(shapes_data, tmp_path / "t6", seeds=[0, 1, 2], pretrain_seeds=(0, 1, 2))
-    proc = compare("--dry-run", *overrides)
+    proc = compare_here("--dry-run", *overrides)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.count("-m backbone.train") == 2 * 3 and proc.stdout.count("segmentation/finetune.py") == 4 * 3
     for s in (0, 1, 2):
         backbone = tmp_path / "t6" / "pretrain" / "resnet10t" / f"seed{s}" / "final.pth"
         assert f"model.pretrained={backbone}" in proc.stdout
         assert f"fine-tune resnet50_gcn + gcn_br (seed {s}) (to run)" in proc.stdout
-    proc = compare("--dry-run", "--launcher", "sbatch", "--no-check", *overrides)
+    proc = compare_here("--dry-run", "--launcher", "sbatch", "--no-check", *overrides)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.count("slurm/imagenet_pretrain.sh") == 6 and proc.stdout.count("--dependency=afterok") >= 13
     assert "--gpus-per-node=8" in proc.stdout and "--collect" in proc.stdout
@@ -355,8 +373,8 @@ def test_bad_config_is_a_clear_error(shapes_data: dict[str, Path], tmp_path: Pat
     assert not (tmp_path / "t6").exists()
 
 
-def test_missing_data_names_the_path(tmp_path: Path) -> None:
-    proc = compare("--config", "configs/table6.yaml", f"output={tmp_path}")
+def test_missing_data_names_the_path(tmp_path: Path, compare_here) -> None:
+    proc = compare_here("--config", "configs/table6.yaml", f"output={tmp_path}")
     assert proc.returncode == 2 and "data.train" in proc.stderr and "does not exist" in proc.stderr
 
 
@@ -625,8 +643,8 @@ def test_ctrl_c_stops_the_running_stage_at_a_checkpoint_with_one_line_and_exit_1
 
 @pytest.mark.slurm
 @pytest.mark.slow
-def test_sbatch_launcher_runs_the_matrix_with_seeds_and_dependencies(slurm_cluster: dict, shapes_data: dict[str, Path],
-                                                                     tmp_path: Path) -> None:
+def test_slurm_sbatch_launcher_runs_the_matrix_with_seeds_and_dependencies(
+        slurm_cluster: dict, shapes_data: dict[str, Path], tmp_path: Path) -> None:
     out = tmp_path / "t6"
     overrides = tiny_overrides(shapes_data, out, backbones=["resnet10t"], seeds=[0, 1], pretrain_seeds=(0, 1)) + [
         "figures.vrf_images=1",

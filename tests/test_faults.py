@@ -27,7 +27,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import PYTHON, ROOT, Hung, Watched, run_watched
+from conftest import PYTHON, ROOT, Hung, Watched, run_watched, xdist_unit
 from imagenet_fixture import make_imagefolder
 from PIL import Image
 
@@ -99,6 +99,8 @@ _WATCHDOG_DEMO = textwrap.dedent("""
     def test_blocked_in_c():
         if os.environ["DEMO"] == "deaf":
             signal.signal(signal.SIGINT, signal.SIG_IGN)  # C code that does not return on a signal
+        else:  # whatever this pytest inherited: a background job (`make test &`) starts with SIGINT ignored
+            signal.signal(signal.SIGINT, signal.default_int_handler)
         r, w = os.pipe()
         os.read(r, 1)
 """)
@@ -112,11 +114,25 @@ def test_session_watchdog_dumps_stacks_and_ends_a_hung_test(mode: str, tmp_path:
                                           "DEMO": mode}, idle_s=30)
     out = done.stdout + done.stderr
     assert "WATCHDOG" in out and "test_demo.py::test_blocked_in_c: no progress for" in out, out
-    assert 'test_demo.py", line 8 in test_blocked_in_c' in out, out  # every thread's stack, this one blocked
+    assert 'test_demo.py", line 10 in test_blocked_in_c' in out, out  # every thread's stack, this one blocked
     if mode == "interruptible":  # SIGINT wakes it: pytest reports the interruption and where, and stops
         assert done.returncode == 2 and "KeyboardInterrupt" in out, out
     else:  # nothing wakes it: the session ends, loudly
         assert done.returncode == 70 and "still blocked after SIGINT" in out, out
+
+
+def test_parallel_units_keep_a_files_fixtures_together_and_every_slurm_test_on_one_worker(tmp_path: Path) -> None:
+    assert xdist_unit("tests/test_beton.py::test_train_batches") == "tests/test_beton.py"
+    assert xdist_unit("tests/test_compare.py::test_dry_run_shows_commands_and_sbatch_dependencies") == \
+        "tests/test_compare.py"
+    for nodeid in ("tests/test_slurm.py::test_x", "tests/test_slurm_2node.py::test_y[a]",
+                   "tests/test_compare.py::test_slurm_sbatch_launcher_runs_the_matrix_with_seeds_and_dependencies"):
+        assert xdist_unit(nodeid) == "slurm"
+    # a test asking for a cluster under another name would run beside the others: collection refuses it
+    (tmp_path / "test_misnamed.py").write_text("def test_sbatch_job(slurm_cluster):\n    pass\n")
+    done = run_watched([PYTHON, "-m", "pytest", "-p", "conftest", "-p", "no:cacheprovider", "-q", "--collect-only",
+                        "test_misnamed.py"], cwd=tmp_path, env={"PYTHONPATH": f"{ROOT / 'tests'}:{ROOT}"})
+    assert done.returncode != 0 and "must be named test_slurm_*" in done.stdout + done.stderr, done.stdout
 
 
 # =============================================================================================================

@@ -458,7 +458,7 @@ def _job_state(job: str) -> str:
 # --- DDP: two tasks through the sbatch script on the local SLURM cluster ------------------------------------
 @pytest.mark.slow
 @pytest.mark.slurm
-def test_sbatch_two_tasks(slurm_cluster: dict, devkit: Path, tmp_path: Path) -> None:
+def test_slurm_sbatch_two_tasks(slurm_cluster: dict, devkit: Path, tmp_path: Path) -> None:
     if shutil.which("sbatch") is None:
         pytest.skip("sbatch not on PATH")
     run_dir = tmp_path / "run"
