@@ -80,6 +80,14 @@ def pretrain_straight(pretrain_betons: dict[str, Path], tmp_path_factory: pytest
     return run_dir
 
 
+def cluster_unavailable(reason: str) -> None:
+    """Skip, with the reason, where a SLURM test cluster cannot start (not root, no packages); fail instead
+    under ``LKM_REQUIRE_SLURM=1`` (.ci/run sets it), where a skip would hide a broken start script."""
+    if os.environ.get("LKM_REQUIRE_SLURM") == "1":
+        pytest.fail(f"LKM_REQUIRE_SLURM=1 and {reason}", pytrace=False)
+    pytest.skip(reason)
+
+
 @pytest.fixture(scope="session")
 def slurm_cluster() -> dict[str, str]:
     """A real single-node SLURM cluster on localhost (slurm/local/start.sh), started once.
@@ -88,11 +96,11 @@ def slurm_cluster() -> dict[str, str]:
     Debian, where it starts. Stops at the end what this session started.
     """
     if os.geteuid() != 0:
-        pytest.skip("local SLURM cluster needs root (slurm/local/start.sh installs and starts daemons)")
+        cluster_unavailable("local SLURM cluster needs root (slurm/local/start.sh installs and starts daemons)")
     proc = subprocess.run(["bash", str(ROOT / "slurm/local/start.sh")], capture_output=True, text=True)
     if proc.returncode != 0:
-        pytest.skip(f"local SLURM cluster could not start (slurm/local/start.sh exit {proc.returncode}):\n"
-                    f"{proc.stdout[-2000:]}{proc.stderr[-2000:]}")
+        cluster_unavailable(f"local SLURM cluster could not start (slurm/local/start.sh exit {proc.returncode}):\n"
+                            f"{proc.stdout[-2000:]}{proc.stderr[-2000:]}")
     started = "started slurmctld" in proc.stdout
     # SLURM_CONF names this cluster even where the environment names the 2-node one's (below)
     env = {"PATH": f"{Path(PYTHON).parent}:{os.environ['PATH']}", "SLURM_CONF": "/etc/slurm/slurm.conf"}
@@ -115,12 +123,12 @@ def slurm_2node_cluster() -> dict[str, str]:
     slurm packages, no ``unshare``); stops at the end what this session started.
     """
     if os.geteuid() != 0:
-        pytest.skip("the 2-node SLURM cluster needs root (slurm/local/start_2node.sh starts daemons in "
+        cluster_unavailable("the 2-node SLURM cluster needs root (slurm/local/start_2node.sh starts daemons in "
                     "their own UTS namespaces and writes /etc/hosts)")
     proc = subprocess.run(["bash", str(ROOT / "slurm/local/start_2node.sh")], capture_output=True, text=True)
     if proc.returncode != 0:
-        pytest.skip(f"2-node SLURM cluster could not start (slurm/local/start_2node.sh exit {proc.returncode}):\n"
-                    f"{proc.stdout[-2000:]}{proc.stderr[-2000:]}")
+        cluster_unavailable(f"2-node SLURM cluster could not start (slurm/local/start_2node.sh exit "
+                            f"{proc.returncode}):\n{proc.stdout[-2000:]}{proc.stderr[-2000:]}")
     started = "started slurm" in proc.stdout  # slurmctld or either slurmd
     env = {"PATH": f"{Path(PYTHON).parent}:{SLURM_2NODE_DIR / 'bin'}:{os.environ['PATH']}",
            "SLURM_CONF": str(SLURM_2NODE_DIR / "etc/slurm.conf")}

@@ -10,7 +10,7 @@ export SLURM_CONF=/etc/slurm/slurm.conf   # this cluster, not the 2-node one (st
 KEEP_JOBS=0
 [ "${1:-}" = "--keep-jobs" ] && KEEP_JOBS=1
 
-alive() { local p; [ -s "$1" ] && p=$(cat "$1") && [ -r "/proc/$p/comm" ] && [ "$(cat "/proc/$p/comm")" = "$2" ]; }
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"   # alive
 
 if [ $KEEP_JOBS = 0 ] && alive "$RUN/slurmctld.ours" slurmctld; then
   jobs=$(squeue -h -o %A 2>/dev/null | tr '\n' ' ')

@@ -17,7 +17,7 @@ export SLURM_CONF=$CONF
 say() { echo "[slurm-2node] $*" 2>/dev/null || true; }
 [ "$(id -u)" = 0 ] || { echo "slurm/local/stop_2node.sh: must run as root" >&2; exit 1; }
 
-alive() { local p; [ -s "$1" ] && p=$(cat "$1") && [ -r "/proc/$p/comm" ] && [ "$(cat "/proc/$p/comm")" = "$2" ]; }
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"   # alive
 ours_pids() {  # COMM: live processes named COMM started with SLURM_CONF=$CONF
   local p c e
   for p in /proc/[0-9]*; do
