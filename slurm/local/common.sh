@@ -44,3 +44,34 @@ SlurmctldTimeout=30
 SlurmdTimeout=60
 CONF
 }
+
+# write_sacct_shim PATH: an sacct for a test cluster without slurmdbd. submitit polls
+# `sacct -o JobID,State,NodeList --parsable2 -j ID`; without an answer, a job that dies before writing its
+# result pickle makes job.result() wait forever. Finished jobs come from the jobcomp log (`sacct -c`), then
+# live and recent ones from squeue (later lines win in submitit's parser).
+write_sacct_shim() {
+cat > "$1" <<'SHIM'
+#!/bin/bash
+# sacct for a test Slurm without slurmdbd (written by slurm/local/common.sh): finished jobs from the jobcomp
+# log (`sacct -c`), then live/recent jobs from squeue (later lines win in submitit's parser).
+REAL=/usr/bin/sacct
+args=("$@"); ids=(); fields=""
+while [ $# -gt 0 ]; do
+  case "$1" in
+    -j|--jobs) ids+=("$2"); shift 2 ;;
+    --jobs=*) ids+=("${1#--jobs=}"); shift ;;
+    -j*) ids+=("${1#-j}"); shift ;;
+    -o|--format) fields="$2"; shift 2 ;;
+    --format=*) fields="${1#--format=}"; shift ;;
+    *) shift ;;
+  esac
+done
+"$REAL" -c "${args[@]}" || exit $?
+if [ ${#ids[@]} -gt 0 ] && [ "${fields,,}" = "jobid,state,nodelist" ]; then
+  IFS=, ; joblist="${ids[*]}"; unset IFS
+  squeue -h -t all -j "$joblist" -o '%i|%T|%N' 2>/dev/null
+fi
+exit 0
+SHIM
+chmod 755 "$1"
+}

@@ -88,32 +88,8 @@ echo "PartitionName=debug Nodes=$H Default=YES MaxTime=INFINITE State=UP"
 CHANGED=0
 if ! cmp -s "$RUN/slurm.conf.new" "$CONF"; then mv "$RUN/slurm.conf.new" "$CONF"; CHANGED=1; say "wrote $CONF"; else rm -f "$RUN/slurm.conf.new"; fi
 
-# sacct shim (submitit polls `sacct -o JobID,State,NodeList --parsable2 -j ID`; without it a job
-# that dies before writing its result pickle makes job.result() wait forever)
-cat > "$BIN/sacct" <<'EOF'
-#!/bin/bash
-# sacct for a test Slurm without slurmdbd: finished jobs from the jobcomp log (`sacct -c`), then
-# live/recent jobs from squeue (later lines win in submitit's parser).
-REAL=/usr/bin/sacct
-args=("$@"); ids=(); fields=""
-while [ $# -gt 0 ]; do
-  case "$1" in
-    -j|--jobs) ids+=("$2"); shift 2 ;;
-    --jobs=*) ids+=("${1#--jobs=}"); shift ;;
-    -j*) ids+=("${1#-j}"); shift ;;
-    -o|--format) fields="$2"; shift 2 ;;
-    --format=*) fields="${1#--format=}"; shift ;;
-    *) shift ;;
-  esac
-done
-"$REAL" -c "${args[@]}" || exit $?
-if [ ${#ids[@]} -gt 0 ] && [ "${fields,,}" = "jobid,state,nodelist" ]; then
-  IFS=, ; joblist="${ids[*]}"; unset IFS
-  squeue -h -t all -j "$joblist" -o '%i|%T|%N' 2>/dev/null
-fi
-exit 0
-EOF
-chmod 755 "$BIN/sacct"
+# sacct shim: no slurmdbd here (slurm/local/common.sh says why it matters)
+write_sacct_shim "$BIN/sacct"
 if [ "$SHIM" = 1 ]; then
   if [ ! -e /usr/local/bin/sacct ] || [ "$(readlink /usr/local/bin/sacct)" = "$BIN/sacct" ]; then
     ln -sfn "$BIN/sacct" /usr/local/bin/sacct

@@ -113,29 +113,8 @@ CHANGED=0
 if ! cmp -s "$CONF.new" "$CONF"; then mv "$CONF.new" "$CONF"; CHANGED=1; say "wrote $CONF"; else rm -f "$CONF.new"; fi
 printf 'export SLURM_CONF=%s\ncase ":$PATH:" in *":%s:"*) ;; *) export PATH=%s:$PATH ;; esac\n' "$CONF" "$BIN" "$BIN" > "$DIR/env.sh"
 
-# sacct shim (no slurmdbd): finished jobs from the jobcomp log, then live/recent ones from squeue
-cat > "$BIN/sacct" <<'EOF'
-#!/bin/bash
-REAL=/usr/bin/sacct
-args=("$@"); ids=(); fields=""
-while [ $# -gt 0 ]; do
-  case "$1" in
-    -j|--jobs) ids+=("$2"); shift 2 ;;
-    --jobs=*) ids+=("${1#--jobs=}"); shift ;;
-    -j*) ids+=("${1#-j}"); shift ;;
-    -o|--format) fields="$2"; shift 2 ;;
-    --format=*) fields="${1#--format=}"; shift ;;
-    *) shift ;;
-  esac
-done
-"$REAL" -c "${args[@]}" || exit $?
-if [ ${#ids[@]} -gt 0 ] && [ "${fields,,}" = "jobid,state,nodelist" ]; then
-  IFS=, ; joblist="${ids[*]}"; unset IFS
-  squeue -h -t all -j "$joblist" -o '%i|%T|%N' 2>/dev/null
-fi
-exit 0
-EOF
-chmod 755 "$BIN/sacct"
+# sacct shim: no slurmdbd here (slurm/local/common.sh says why it matters)
+write_sacct_shim "$BIN/sacct"
 
 # ---- 3. munge (shared with the single-node cluster) --------------------------------------------
 if [ ! -s /etc/munge/munge.key ]; then
