@@ -27,7 +27,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import PYTHON, ROOT, Hung, Watched, run_watched, xdist_unit
+from conftest import PYTHON, ROOT, Hung, Watched, cluster_unavailable, run_watched, xdist_unit
 from imagenet_fixture import make_imagefolder
 from PIL import Image
 
@@ -133,6 +133,15 @@ def test_parallel_units_keep_a_files_fixtures_together_and_every_slurm_test_on_o
     done = run_watched([PYTHON, "-m", "pytest", "-p", "conftest", "-p", "no:cacheprovider", "-q", "--collect-only",
                         "test_misnamed.py"], cwd=tmp_path, env={"PYTHONPATH": f"{ROOT / 'tests'}:{ROOT}"})
     assert done.returncode != 0 and "must be named test_slurm_*" in done.stdout + done.stderr, done.stdout
+
+
+def test_a_cluster_that_cannot_start_skips_only_where_ci_does_not_require_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("LKM_REQUIRE_SLURM", raising=False)
+    with pytest.raises(pytest.skip.Exception, match="could not start"):
+        cluster_unavailable("the cluster could not start")
+    monkeypatch.setenv("LKM_REQUIRE_SLURM", "1")  # as .ci/run sets it
+    with pytest.raises(pytest.fail.Exception, match="LKM_REQUIRE_SLURM=1 and the cluster could not start"):
+        cluster_unavailable("the cluster could not start")
 
 
 # =============================================================================================================
