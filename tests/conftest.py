@@ -21,6 +21,8 @@ import psutil
 import pytest
 from PIL import Image
 
+from segmentation.crf import default_workers  # numpy only: torch is not imported before OMP_NUM_THREADS is set
+
 ROOT = Path(__file__).resolve().parents[1]
 PYTHON = sys.executable
 
@@ -124,7 +126,7 @@ def slurm_2node_cluster() -> dict[str, str]:
     """
     if os.geteuid() != 0:
         cluster_unavailable("the 2-node SLURM cluster needs root (slurm/local/start_2node.sh starts daemons in "
-                    "their own UTS namespaces and writes /etc/hosts)")
+                            "their own UTS namespaces and writes /etc/hosts)")
     proc = subprocess.run(["bash", str(ROOT / "slurm/local/start_2node.sh")], capture_output=True, text=True)
     if proc.returncode != 0:
         cluster_unavailable(f"2-node SLURM cluster could not start (slurm/local/start_2node.sh exit "
@@ -485,7 +487,7 @@ def xdist_unit(nodeid: str) -> str:
 
 @pytest.hookimpl(optionalhook=True)
 def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
-    return max(1, min(len(os.sched_getaffinity(0)), MAX_WORKERS))
+    return min(default_workers(), MAX_WORKERS)
 
 
 @pytest.hookimpl(optionalhook=True)
@@ -520,7 +522,7 @@ def _share_cores_between_workers() -> None:
     spin-wait on each other. An explicit OMP_NUM_THREADS is left as it is."""
     workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
     if workers > 1 and "OMP_NUM_THREADS" not in os.environ:
-        os.environ["OMP_NUM_THREADS"] = str(max(1, len(os.sched_getaffinity(0)) // workers))
+        os.environ["OMP_NUM_THREADS"] = str(default_workers(workers))
 
 
 def pytest_configure(config: pytest.Config) -> None:
