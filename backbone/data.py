@@ -30,7 +30,9 @@ import torch
 from ffcv.fields.basics import IntDecoder
 from ffcv.fields.rgb_image import CenterCropRGBImageDecoder, RandomResizedCropRGBImageDecoder
 from ffcv.loader import Loader, OrderOption
+from ffcv.loader.epoch_iterator import EpochIterator
 from ffcv.pipeline.allocation_query import AllocationQuery
+from ffcv.pipeline.compiler import Compiler
 from ffcv.pipeline.operation import Operation
 from ffcv.pipeline.state import State
 from ffcv.transforms import NormalizeImage, RandomHorizontalFlip, Squeeze, ToDevice, ToTensor, ToTorchImage
@@ -75,6 +77,39 @@ class TorchNormalize(Operation):
             replace(previous_state, dtype=self.dtype),
             AllocationQuery(shape=previous_state.shape, dtype=self.dtype, device=previous_state.device),
         )
+
+
+class _DeviceEpochIterator(EpochIterator):
+    """ffcv's epoch thread, first made to work on the loader's GPU.
+
+    CUDA's current device is per thread and starts at GPU 0 in a new one. Where a process sees several GPUs (one
+    task per node given all of them, as ``--gpus-per-node`` without ``--gpus-per-task`` does), ffcv's thread of
+    every rank would open a CUDA context on GPU 0 (about 0.5 GB each) and put work there.
+    """
+
+    def run(self) -> None:
+        device = getattr(self.loader, "device", None)
+        if device is not None and device.type == "cuda":
+            torch.cuda.set_device(device)  # the only GPU-specific line: the rest is ffcv's own thread
+        super().run()
+
+
+class DeviceLoader(Loader):
+    """ffcv's Loader for one device: its epoch thread works on that device (:class:`_DeviceEpochIterator`)."""
+
+    def __init__(self, *args: Any, device: torch.device, **kwargs: Any) -> None:
+        self.device = torch.device(device)
+        super().__init__(*args, **kwargs)
+
+    def __iter__(self) -> EpochIterator:
+        # ffcv's Loader.__iter__ (1.0.2), with its thread class swapped: the thread starts in its constructor
+        Compiler.set_num_threads(self.num_workers)
+        order = self.next_traversal_order()
+        selected_order = order[:len(self) * self.batch_size]
+        self.next_epoch += 1
+        if self.code is None or self.recompile:
+            self.generate_code()
+        return _DeviceEpochIterator(self, selected_order)
 
 
 def ffcv_gpu_normalize_available() -> bool:
@@ -169,8 +204,9 @@ def make_train_loader(
         )
     device = _check_common(beton, batch_size, num_workers, resolution, device, distributed)
     decoder = RandomResizedCropRGBImageDecoder((resolution, resolution))
-    return Loader(
+    return DeviceLoader(
         str(beton),
+        device=device,
         batch_size=batch_size,
         num_workers=num_workers,
         order=ORDERS[order],
@@ -194,27 +230,49 @@ def make_val_loader(
     ratio: float = DEFAULT_CROP_PCT,
     os_cache: bool = True,
     dtype: torch.dtype = torch.float16,
+    max_images: int = 0,
 ) -> Loader:
-    """Validation loader: centre crop of ``ratio`` x the short side, resized to ``resolution``.
+    """Validation loader: centre crop of ``ratio`` x the short side, resized to ``resolution``; the first
+    ``max_images`` only when that is not 0.
 
-    Sequential order, every sample once (last batch may be smaller). Under ``distributed``,
-    ranks take interleaved slices and the set is padded to a multiple of the world size by
-    repeating the first samples, as torch's ``DistributedSampler`` does.
+    Sequential order, every sample once (last batch may be smaller). Under ``distributed``, rank
+    ``r`` of ``w`` takes samples ``r, r + w, r + 2w, ...`` (:func:`val_shard`): every sample on exactly one
+    rank, so scores summed over the ranks count each image once. (ffcv's own distributed order pads the
+    set to a multiple of the world size by repeating samples, as torch's ``DistributedSampler`` does: right
+    for training, a bias for a score.)
     """
     device = _check_common(beton, batch_size, num_workers, resolution, device, distributed)
     if not 0 < ratio <= 1:
         raise ValueError(f"ratio must be in (0, 1], not {ratio}")
     decoder = CenterCropRGBImageDecoder((resolution, resolution), ratio=ratio)
-    return Loader(
+    indices = None
+    if distributed or max_images:
+        from ffcv.reader import Reader
+
+        n = Reader(str(beton)).num_samples
+        n = min(n, max_images) if max_images > 0 else n
+        world, rank = (torch.distributed.get_world_size(), torch.distributed.get_rank()) if distributed else (1, 0)
+        if n < world:  # ffcv cannot make a loader of no samples
+            raise ValueError(f"{beton}: {n} images to evaluate, fewer than the {world} processes evaluating them: "
+                             "evaluate on fewer processes")
+        indices = val_shard(n, rank, world)
+    return DeviceLoader(
         str(beton),
+        device=device,
         batch_size=batch_size,
         num_workers=num_workers,
         order=OrderOption.SEQUENTIAL,
         os_cache=os_cache,
         drop_last=False,
-        distributed=distributed,
+        indices=indices,
         pipelines={"image": image_pipeline(decoder, device, flip=False, dtype=dtype), "label": label_pipeline(device)},
     )
+
+
+def val_shard(num_samples: int, rank: int, world_size: int) -> np.ndarray:
+    """The samples rank ``rank`` of ``world_size`` evaluates: every ``world_size``-th from ``rank``, no padding (a
+    rank may get one sample fewer than another, or none)."""
+    return np.arange(rank, num_samples, world_size, dtype=np.uint64)
 
 
 def _train_decoder(loader: Loader) -> RandomResizedCropRGBImageDecoder:

@@ -114,6 +114,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from backbone.artifacts import load_backbone
     from backbone.data import make_val_loader
     from backbone.weights import WeightsMismatchError
+    from engine.config import ConfigError
     from engine.logs import setup_logging
 
     p = argparse.ArgumentParser(prog="python -m backbone.evaluate", description=__doc__.split("\n\n")[0],
@@ -130,23 +131,30 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="JSON (default: eval_imagenet_<protocol>.json beside --weights)")
     p.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto")
     args = p.parse_args(argv)
-    setup_logging()
-    protocol = Protocol(args.resolution, args.crop_ratio, args.flip)
     env = distrib.detect_env()
+    setup_logging(env.rank)
+    protocol = Protocol(args.resolution, args.crop_ratio, args.flip)
     try:
         model, _ = load_backbone(args.weights)
         device = distrib.select_device(env, args.device)
+        # under torchrun / srun each process scores its own share of the images (each image once), rank 0 writes
+        distrib.init(env, device)
         loader = make_val_loader(args.data, batch_size=args.batch_size, num_workers=args.workers,
-                                 resolution=protocol.resolution, ratio=protocol.crop_ratio, device=device)
-    except (WeightsMismatchError, FileNotFoundError, ValueError) as e:
+                                 resolution=protocol.resolution, ratio=protocol.crop_ratio, device=device,
+                                 distributed=env.distributed)
+        model = model.to(device, memory_format=torch.channels_last)
+        scores = evaluate_classifier(model, loader, device, flip=protocol.flip,
+                                     amp_dtype=torch.bfloat16 if device.type == "cuda" else None)
+    except (WeightsMismatchError, FileNotFoundError, ValueError, ConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    model = model.to(device, memory_format=torch.channels_last)
-    scores = evaluate_classifier(model, loader, device, flip=protocol.flip,
-                                 amp_dtype=torch.bfloat16 if device.type == "cuda" else None)
-    out = write_record(args.weights, args.data, protocol, scores, args.out)
-    print(f"{args.weights} on {args.data} ({protocol.describe()}): top-1 error {100 * scores['top1_error']:.2f}%, "
-          f"top-5 error {100 * scores['top5_error']:.2f}% over {scores['images']} images -> {out}")
+    finally:
+        distrib.teardown()
+    if env.is_main:
+        out = write_record(args.weights, args.data, protocol, scores, args.out)
+        print(f"{args.weights} on {args.data} ({protocol.describe()}): top-1 error {100 * scores['top1_error']:.2f}%, "
+              f"top-5 error {100 * scores['top5_error']:.2f}% over {scores['images']} images"
+              + (f" ({env.world_size} processes)" if env.distributed else "") + f" -> {out}")
     return 0
 
 

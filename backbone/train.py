@@ -46,7 +46,7 @@ from engine.config import (
 )
 from engine.curves import draw_curves
 from engine.logs import MetricsWriter
-from engine.loop import TrainLoop, autocast, backward_accumulated, grouped, split_batch
+from engine.loop import MicroBatches, TrainLoop, autocast, backward_accumulated, split_batch
 from engine.preemption import PreemptionFlag
 from engine.provenance import file_sha256, read_run_record
 from engine.runner import NonFiniteLossError, RunDirState, RunStatus, inspect_run_dir, run_cli, run_stage
@@ -71,6 +71,7 @@ class DataConfig:
     global_batch: int = 4096  # images per optimiser step over all processes (the recipe's batch)
     max_batch_per_process: int = 0  # a process holding more accumulates gradients over micro-batches; 0: no limit
     val_batch_size: int = 256  # per process (evaluation only: no effect on results)
+    val_max_images: int = 0  # validate on the first N images only (rehearsals); 0: all
     num_workers: int = 12  # ffcv decoding threads per process (at least 1)
     in_memory: bool = True  # ffcv os_cache: keep the .beton in the page cache
 
@@ -111,6 +112,7 @@ class TrainConfig:
     channels_last: bool = True
     ema: bool = False  # keep an EMA of the weights (timm ModelEmaV3); final.pth then holds the EMA
     ema_decay: float = 0.9999
+    steps_per_epoch: int = 0  # 0: the whole .beton each epoch; N: its first N steps only (rehearsals)
     seed: int = 0
     deterministic: bool = False  # deterministic kernels (slower); used by the resume test
     device: Literal["auto", "cuda", "cpu"] = "auto"
@@ -122,6 +124,7 @@ class RunConfig:
     keep_checkpoints: int = 2
     log_every_s: float = 30.0  # one-line progress summary period when not on a terminal
     check_every_steps: int = 50  # how often the loss is checked for NaN/inf (each check syncs)
+    preempt_at_step: int = 0  # rehearsals: act as if SLURM's warning signal came at this step (once); 0: never
 
 
 @dataclass
@@ -135,9 +138,10 @@ class PretrainConfig:
 
     # Keys that cannot change the trained network: paths (the data is identified by content in run.json),
     # machine settings, logging. Everything else is the recipe.
-    NOT_RECIPE = ("data.train", "data.val", "data.val_batch_size", "data.num_workers", "data.in_memory",
+    NOT_RECIPE = ("data.train", "data.val", "data.val_batch_size", "data.val_max_images", "data.num_workers",
+                  "data.in_memory",
                   "train.eval_every", "train.device", "train.deterministic", "run.dir", "run.keep_checkpoints",
-                  "run.log_every_s", "run.check_every_steps")
+                  "run.log_every_s", "run.check_every_steps", "run.preempt_at_step")
 
     def validate(self) -> None:
         if not self.run.dir:
@@ -148,6 +152,10 @@ class PretrainConfig:
                            ("optim.lr_batch_size", self.optim.lr_batch_size)):
             if value < 1:
                 raise ConfigError(f"{key} must be at least 1, not {value}")
+        for key, value in (("train.steps_per_epoch", self.train.steps_per_epoch),
+                           ("data.val_max_images", self.data.val_max_images)):
+            if value < 0:
+                raise ConfigError(f"{key} must be 0 (no limit) or more, not {value}")
         r = self.resolution
         if not 0 < r.min_res <= r.max_res:
             raise ConfigError(f"resolution: need 0 < min_res <= max_res, got {r.min_res} and {r.max_res}")
@@ -315,7 +323,7 @@ class Trainer:
                               logger=log, models=[model] + ([self.ema.module] if self.ema is not None else []),
                               checkpoint_state=self.checkpoint_state, run_dir=self.run_dir,
                               keep_checkpoints=cfg.run.keep_checkpoints, check_every=cfg.run.check_every_steps,
-                              log_every_s=cfg.run.log_every_s)
+                              log_every_s=cfg.run.log_every_s, preempt_at_step=cfg.run.preempt_at_step)
         torch.manual_seed(cfg.train.seed + env.rank)
         np.random.seed((cfg.train.seed + env.rank) % 2**32)
         resumed = self.resume(inputs.run.resume_from) if inputs.run.resume_from is not None else None
@@ -328,8 +336,11 @@ class Trainer:
             os_cache=cfg.data.in_memory, drop_last=True, dtype=self.input_dtype)
         self.val_loader = make_val_loader(
             cfg.data.val, batch_size=cfg.data.val_batch_size, num_workers=cfg.data.num_workers,
-            resolution=cfg.resolution.val_res, device=device, distributed=env.distributed, dtype=self.input_dtype)
+            resolution=cfg.resolution.val_res, device=device, distributed=env.distributed, dtype=self.input_dtype,
+            max_images=cfg.data.val_max_images)
         self.steps_per_epoch = len(self.train_loader) // self.batch.accumulation
+        if cfg.train.steps_per_epoch:
+            self.steps_per_epoch = min(self.steps_per_epoch, cfg.train.steps_per_epoch)
         if self.steps_per_epoch == 0:
             raise ConfigError(f"{cfg.data.train} has fewer images than one global batch (data.global_batch="
                               f"{cfg.data.global_batch}, drop_last): lower the batch")
@@ -414,16 +425,16 @@ class Trainer:
         self.model.train()
         start = self.step_in_epoch  # resumed mid-epoch: the loader replays the same order, we skip ahead
         accumulation = self.batch.accumulation
-        steps = grouped(epoch_batches(self.train_loader, skip=start * accumulation), accumulation)
+        batches = epoch_batches(self.train_loader, skip=start * accumulation)
         for i, micro_batches in enumerate(self.loop.steps(
-                steps, length=self.steps_per_epoch - start, total=self.steps_per_epoch, initial=start,
-                desc=f"epoch {self.epoch + 1}/{cfg.train.epochs}"), start=start):
+                batches, accumulation=accumulation, length=self.steps_per_epoch - start, total=self.steps_per_epoch,
+                initial=start, desc=f"epoch {self.epoch + 1}/{cfg.train.epochs}"), start=start):
             lr = lr_at(cfg.optim, cfg.train.epochs, self.epoch + i / self.steps_per_epoch, self.peak)
             loss = self.train_step(micro_batches, lr)
             self.step_in_epoch = i + 1
             self.loop.record(loss, self.batch.per_process, epoch=self.epoch, lr=lr, resolution=res)
 
-    def train_step(self, micro_batches: list[tuple[torch.Tensor, torch.Tensor]], lr: float) -> torch.Tensor:
+    def train_step(self, micro_batches: MicroBatches, lr: float) -> torch.Tensor:
         """One optimiser step over this process's share of the global batch (its micro-batches)."""
         for group in self.optimizer.param_groups:
             group["lr"] = lr

@@ -7,12 +7,15 @@ BN, ReLU, pooling and additions are not counted.
 from __future__ import annotations
 
 import copy
+import os
 
 import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-__all__ = ["macs_by_module", "count_params", "PEAK_BF16_TFLOPS", "device_peak_flops", "TrainFlops", "mfu"]
+from .batchnorm import local_batchnorm
+
+__all__ = ["macs_by_module", "count_params", "PEAK_BF16_TFLOPS", "PEAK_ENV", "device_peak_flops", "TrainFlops", "mfu"]
 
 
 def macs_by_module(model: nn.Module, input_shape: tuple[int, ...]) -> dict[str, int]:
@@ -55,8 +58,20 @@ PEAK_BF16_TFLOPS: tuple[tuple[str, float], ...] = (
 )
 
 
+# The peak of a device the table does not know, in TFLOP/s (e.g. LKM_PEAK_TFLOPS=989 for a new GPU): MFU is then
+# reported against it. The tests set it on the CPU to drive the FLOP-counting path every GPU run takes.
+PEAK_ENV = "LKM_PEAK_TFLOPS"
+
+
 def device_peak_flops(device: torch.device) -> float | None:
-    """Dense bf16 FLOP/s of ``device`` from :data:`PEAK_BF16_TFLOPS`; None where unknown (any CPU)."""
+    """Dense bf16 FLOP/s of ``device``: ``$LKM_PEAK_TFLOPS`` when set, else from :data:`PEAK_BF16_TFLOPS`; None
+    where unknown (any CPU)."""
+    if os.environ.get(PEAK_ENV):
+        try:
+            tflops = float(os.environ[PEAK_ENV])
+        except ValueError:
+            raise ValueError(f"{PEAK_ENV}={os.environ[PEAK_ENV]!r} is not a number of TFLOP/s") from None
+        return tflops * 1e12 if tflops > 0 else None
     if device.type != "cuda":
         return None
     name = torch.cuda.get_device_name(device)
@@ -66,7 +81,8 @@ def device_peak_flops(device: torch.device) -> float | None:
 class TrainFlops:
     """FLOPs of one training step (forward and backward) per image, at an input size: counted by
     ``torch.utils.flop_counter`` on a copy of the model on the meta device (no memory, no compute),
-    once per size."""
+    once per size. The copy's SyncBatchNorms compute per-process statistics: under a process group a
+    SyncBatchNorm refuses the meta device, and BatchNorm adds no counted FLOPs."""
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
@@ -76,11 +92,12 @@ class TrainFlops:
     def __call__(self, *chw: int) -> int:
         if chw not in self._cache:
             if self._meta is None:
-                self._meta = copy.deepcopy(self.model).to("meta").train()
-            x = torch.empty(1, *chw, device="meta")
+                self._meta = local_batchnorm(copy.deepcopy(self.model)).to("meta").train()
+            # two images: BatchNorm in training mode refuses one value per channel (a 1 x 1 last stage)
+            x = torch.empty(2, *chw, device="meta")
             with FlopCounterMode(display=False) as counter:
                 self._meta(x).float().sum().backward()
-            self._cache[chw] = counter.get_total_flops()
+            self._cache[chw] = counter.get_total_flops() // 2
         return self._cache[chw]
 
 

@@ -20,9 +20,12 @@ import logging
 import os
 import socket
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
+
+from .config import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -42,8 +45,16 @@ class DistEnv:
         return self.rank == 0
 
     @property
+    def launched(self) -> bool:
+        """Started by a launcher (torchrun, srun, submitit), which may have started a single process."""
+        return self.source != "single process"
+
+    @property
     def distributed(self) -> bool:
-        return self.world_size > 1
+        """Several processes, or a launched one: then a process group exists and the model is wrapped in DDP
+        (its BatchNorm synchronised), also for one process, so that a 1-GPU job (``torchrun
+        --nproc-per-node 1``, one SLURM task, ``make gpu-check``) takes the multi-GPU job's code path."""
+        return self.world_size > 1 or self.launched
 
 
 def _port_for_job(job_id: str) -> int:
@@ -83,18 +94,62 @@ def detect_env() -> DistEnv:
     return DistEnv()
 
 
+# What says this process was given GPUs: SLURM's (--gpus, --gpus-per-node, --gpus-per-task, --gres=gpu) and
+# CUDA's own. A value of these that means "no GPU" does not count.
+GPU_ALLOCATION_VARS = ("SLURM_GPUS_ON_NODE", "SLURM_GPUS_PER_NODE", "SLURM_GPUS_PER_TASK", "SLURM_GPUS",
+                       "SLURM_JOB_GPUS", "SLURM_STEP_GPUS", "CUDA_VISIBLE_DEVICES")
+_NO_GPU_VALUES = ("", "-1", "NoDevFiles", "none")
+
+
+def allocated_gpus() -> dict[str, str]:
+    """The variables of :data:`GPU_ALLOCATION_VARS` that say this process was given GPUs (a SLURM count of 0 does
+    not; ``CUDA_VISIBLE_DEVICES=0`` names GPU 0 and does)."""
+    found = {}
+    for key in GPU_ALLOCATION_VARS:
+        value = os.environ.get(key, "").strip()
+        if value in _NO_GPU_VALUES or (key.startswith("SLURM_") and value.rpartition(":")[2] == "0"):
+            continue
+        found[key] = value
+    return found
+
+
+def nvidia_driver() -> str:
+    """The NVIDIA kernel driver's version line, or why it cannot be read."""
+    try:
+        return Path("/proc/driver/nvidia/version").read_text().splitlines()[0].strip()
+    except (OSError, IndexError):
+        return "no NVIDIA kernel driver loaded (/proc/driver/nvidia/version is missing)"
+
+
+def cuda_unusable(allocated: dict[str, str]) -> str:
+    """Why GPUs were allocated and torch sees none, and the fixes: the message of a run that would otherwise train
+    on the CPU without a word (e.g. a torch build for a newer CUDA than the driver supports)."""
+    given = ", ".join(f"{k}={v}" for k, v in allocated.items())
+    return (f"GPUs were allocated to this process ({given}) but torch sees none: torch {torch.__version__} is built "
+            f"for CUDA {torch.version.cuda or '(none: a CPU-only build)'}; NVIDIA driver: {nvidia_driver()}. Install "
+            "a torch build the driver supports (or update the driver), or, to train on the CPU on purpose, set "
+            "train.device=cpu")
+
+
 def select_device(env: DistEnv, prefer: str = "auto") -> torch.device:
     """``cuda:<local rank>`` when a GPU is there (and wanted), else CPU.
 
     SLURM may already restrict each task to its own GPU (``--gpus-per-task``); then the task
-    sees one device and uses ``cuda:0``.
+    sees one device and uses ``cuda:0``. A process that was allocated GPUs (:func:`allocated_gpus`) but sees
+    none stops with the reason (ConfigError) rather than train on the CPU: ``train.device=cpu`` says that is meant.
     """
     if prefer not in ("auto", "cuda", "cpu"):
         raise ValueError(f"device must be auto, cuda or cpu, not {prefer!r}")
-    if prefer == "cpu" or (prefer == "auto" and not torch.cuda.is_available()):
+    if prefer == "cpu":
         return torch.device("cpu")
     if not torch.cuda.is_available():
-        raise RuntimeError("device=cuda was asked for but torch sees no GPU (set device=cpu or auto)")
+        if allocated := allocated_gpus():
+            raise ConfigError(cuda_unusable(allocated))
+        if prefer == "cuda":
+            raise ConfigError("train.device=cuda but torch sees no GPU and none was allocated to this process "
+                              f"(torch {torch.__version__}, CUDA build {torch.version.cuda}; NVIDIA driver: "
+                              f"{nvidia_driver()}): run on a GPU node, or set train.device=cpu or auto")
+        return torch.device("cpu")
     device = torch.device("cuda", env.local_rank % torch.cuda.device_count())
     torch.cuda.set_device(device)
     return device

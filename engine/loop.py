@@ -3,9 +3,13 @@
 A trainer iterates :meth:`TrainLoop.steps` over its batches, as torchvision's references iterate
 ``MetricLogger.log_every(loader)``, and calls :meth:`TrainLoop.record` once per optimiser step::
 
-    for images, labels in self.loop.steps(batches, length=n, desc="epoch 3/88"):
-        loss = self.train_step(images, labels, lr)
-        self.loop.record(loss, images.shape[0], lr=lr, epoch=self.epoch)
+    for micro_batches in self.loop.steps(batches, accumulation=2, length=n, desc="epoch 3/88"):
+        loss = backward_accumulated(model, micro_batches, loss_of, distributed)  # forward + backward of each
+        ...
+        self.loop.record(loss, images_per_step, lr=lr, epoch=self.epoch)
+
+Each step is a :class:`MicroBatches`: ``accumulation`` batches (the global batch's share of this process, split
+where one pass cannot hold it: :func:`split_batch`) drawn from the data one at a time as the step reads them.
 
 Between two batches the loop counts the step and, every ``check_every`` steps (and at the end of the
 batches), does what needs the ranks to agree, since each such check synchronises them:
@@ -27,9 +31,9 @@ epoch is shut down rather than left with its loader thread waiting.
 from __future__ import annotations
 
 import contextlib
-import itertools
 import logging
 import math
+import signal
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -47,6 +51,7 @@ from .preemption import PreemptionFlag
 from .runner import RunStatus, diverged
 
 T = TypeVar("T")
+REHEARSAL_SIGNAL = signal.SIGUSR1  # what our sbatch jobs get before their time limit (engine.slurm.SBATCH_SIGNAL)
 
 
 @dataclass(frozen=True)
@@ -76,14 +81,39 @@ def split_batch(global_batch: int, world_size: int, max_per_process: int = 0, ke
     return BatchSplit(global_batch, world_size, per_process, per_process // accumulation, accumulation)
 
 
-def grouped(items: Iterable[T], n: int) -> Iterator[list[T]]:
-    """Consecutive groups of ``n`` items (the micro-batches of one step); a short last group is dropped."""
-    it = iter(items)
-    try:
-        while len(group := list(itertools.islice(it, n))) == n:
-            yield group
-    finally:
-        _close(it)
+class MicroBatches:
+    """One optimiser step's micro-batches, each drawn from the data only when the step asks for it.
+
+    Why lazily: an ffcv loader hands out views into a few buffer slots (``batches_ahead + 2``) and reuses a
+    slot once the next batch is asked for, so a micro-batch held while the next ones are drawn can be
+    overwritten before its forward pass runs. Drawn one at a time, each is trained on before the next
+    exists (on a GPU, ffcv's stream events then order the reuse after the work queued on it). The time spent
+    waiting for the data goes to ``on_wait``.
+    """
+
+    def __init__(self, first: T, rest: Iterator[T], n: int, on_wait: Callable[[float], None]) -> None:
+        self._first, self._rest, self.n, self._on_wait = first, rest, n, on_wait
+        self.taken = 0
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self) -> Iterator[T]:
+        if self.taken:
+            raise RuntimeError("a step's micro-batches can be read only once")
+        self.taken = 1
+        first, self._first = self._first, None  # not kept past its step
+        yield first
+        for k in range(1, self.n):
+            t = time.perf_counter()
+            try:
+                batch = next(self._rest)
+            except StopIteration:
+                raise RuntimeError(f"the data ended inside an optimiser step (after {k} of its {self.n} "
+                                   "micro-batches)") from None
+            self._on_wait(time.perf_counter() - t)
+            self.taken += 1
+            yield batch
 
 
 def autocast(device: torch.device, amp_dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
@@ -91,11 +121,11 @@ def autocast(device: torch.device, amp_dtype: torch.dtype | None) -> contextlib.
     return torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None)
 
 
-def backward_accumulated(model: torch.nn.Module, micro_batches: Sequence[T], loss_of: Callable[[T], torch.Tensor],
-                         distributed: bool) -> torch.Tensor:
-    """Forward and backward over one step's micro-batches, each loss divided by their number, so the
-    gradients are those of the whole batch; under DDP they are all-reduced once, on the last one
-    (``no_sync`` before). Returns the step's loss (detached)."""
+def backward_accumulated(model: torch.nn.Module, micro_batches: Sequence[T] | MicroBatches,
+                         loss_of: Callable[[T], torch.Tensor], distributed: bool) -> torch.Tensor:
+    """Forward and backward over one step's micro-batches (a list, or the lazy :class:`MicroBatches`), each loss
+    divided by their number, so the gradients are those of the whole batch; under DDP they are all-reduced
+    once, on the last one (``no_sync`` before). Returns the step's loss (detached)."""
     total = None
     for k, batch in enumerate(micro_batches):
         last = k == len(micro_batches) - 1
@@ -149,13 +179,17 @@ class TrainLoop:
                  checkpoint_state: Callable[[list[dict[str, Any]]], dict[str, Any]], run_dir: Path,
                  keep_checkpoints: int = 2, step: int = 0, total_steps: int | None = None, check_every: int = 50,
                  checkpoint_every: int = 0, log_every_s: float = 30.0, nonfinite_hint: str = "",
-                 flops_per_image: Callable[[], float] | None = None) -> None:
+                 flops_per_image: Callable[[], float] | None = None, preempt_at_step: int = 0) -> None:
         self.env, self.device, self.preempt, self.metrics, self.log = env, device, preempt, metrics, logger
         self.models = list(models)  # whose weights a checkpoint holds: checked finite before each one
         self.checkpoint_state, self.run_dir, self.keep_checkpoints = checkpoint_state, run_dir, keep_checkpoints
         self.step, self.total_steps = step, total_steps
         self.check_every, self.checkpoint_every, self.log_every_s = check_every, checkpoint_every, log_every_s
         self.nonfinite_hint = nonfinite_hint
+        # a rehearsal's preemption: at this step, act as if SLURM's time-limit signal arrived (once: a run resumed
+        # at or past it does not stop again)
+        self.preempt_at_step = preempt_at_step
+        self._first_step: int | None = None  # where this process started (after a resume)
         # MFU needs the device's peak (known GPUs only) and the model's FLOPs (counted once per input size)
         self.peak_flops = device_peak_flops(device)
         self.flops_per_image = flops_per_image if self.peak_flops else None
@@ -219,14 +253,20 @@ class TrainLoop:
         self._values.update(values)
         self._recorded = True
 
-    def steps(self, batches: Iterable[T], *, length: int, desc: str, total: int | None = None,
-              initial: int = 0) -> Iterator[T]:
-        """Yield up to ``length`` batches to train on, with the bookkeeping of each step after it.
+    def steps(self, batches: Iterable[T], *, length: int, desc: str, accumulation: int = 1, total: int | None = None,
+              initial: int = 0) -> Iterator[MicroBatches]:
+        """Yield up to ``length`` optimiser steps, each as its :class:`MicroBatches` (``accumulation`` batches
+        of ``batches``, drawn as the step reads them), with the bookkeeping of each step after it.
 
         ``total``/``initial`` are what the progress display counts (default: ``length`` from 0). Ends
-        early, with :attr:`status` PREEMPTED, when a signal arrived; raises NonFiniteLossError.
+        early, with :attr:`status` PREEMPTED, when a signal arrived; raises NonFiniteLossError. A step must
+        read all its micro-batches and call :meth:`record`.
         """
+        if accumulation < 1:
+            raise ValueError(f"accumulation must be at least 1, not {accumulation}")
         it = iter(batches)
+        if self._first_step is None:
+            self._first_step = self.step
         progress = Progress(None, total if total is not None else length, desc, enabled=self.env.is_main,
                             every_s=self.log_every_s, logger=self.log, initial=initial)
         self._window.reset()
@@ -235,17 +275,22 @@ class TrainLoop:
             for i in range(length):
                 t = time.perf_counter()
                 try:
-                    batch = next(it)
+                    first = next(it)
                 except StopIteration:
                     return
-                waited = time.perf_counter() - t
-                self._window.data_wait_s += waited
-                self._run.data_wait_s += waited
+                self._waited(time.perf_counter() - t)
                 self._recorded = False
-                yield batch
+                group = MicroBatches(first, it, accumulation, self._waited)
+                yield group
+                if group.taken != accumulation:
+                    raise RuntimeError(f"the training step read {group.taken} of its {accumulation} micro-batches")
                 if not self._recorded:
                     raise RuntimeError("the training step did not call TrainLoop.record()")
                 self.step += 1
+                if self.step == self.preempt_at_step and self._first_step < self.step:
+                    self.log.info("run.preempt_at_step=%d: acting as if SLURM's warning signal (%s) arrived",
+                                  self.step, REHEARSAL_SIGNAL.name)
+                    self.preempt.set(REHEARSAL_SIGNAL)
                 end_of_run = self.total_steps is not None and self.step >= self.total_steps
                 periodic = self.step % self.check_every == 0 or i + 1 == length or end_of_run
                 # Agreeing on a signal is an all-reduce (a sync): multi-process runs look only periodically.
@@ -268,6 +313,10 @@ class TrainLoop:
             progress.close()
             if self._run.steps and self.env.is_main:
                 self.log.info("%s: %d steps, %s", desc, self._run.steps, self._throughput(self._run).line(self.unit))
+
+    def _waited(self, seconds: float) -> None:
+        self._window.data_wait_s += seconds
+        self._run.data_wait_s += seconds
 
     def _check_finite(self) -> None:
         if distrib.any_rank(bool(self._window.bad.item()), self.device):

@@ -34,6 +34,7 @@ log = logging.getLogger("engine.runner")
 
 FINAL_NAME = "final.pth"
 CONFIG_NAME = "config.yaml"
+CUBLAS_WORKSPACE = ":4096:8"  # CUBLAS_WORKSPACE_CONFIG of deterministic runs (cuBLAS's documented setting)
 
 
 class RunStatus(enum.StrEnum):
@@ -143,7 +144,7 @@ def set_deterministic(on: bool) -> None:
     raise, naming the op (the stages avoid the ones they would meet: see ``segmentation_loss``).
     """
     if on:
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", CUBLAS_WORKSPACE)
     torch.backends.cudnn.benchmark = not on
     torch.use_deterministic_algorithms(on, warn_only=False)
 
@@ -177,7 +178,7 @@ def run_stage(
                          recipe_hash=recipe_hash(to_dict(cfg), getattr(cfg, "NOT_RECIPE", ())),
                          attempt_started=time.strftime("%Y-%m-%dT%H:%M:%S"), **(provenance or {}))
     log.info("process %d/%d (local %d) via %s", env.rank, env.world_size, env.local_rank, env.source)
-    was_deterministic = torch.are_deterministic_algorithms_enabled()
+    was_deterministic, was_benchmark = torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.benchmark
     set_deterministic(cfg.train.deterministic)
     device = distrib.select_device(env, cfg.train.device)
     own_flag = preempt is None
@@ -193,5 +194,6 @@ def run_stage(
     finally:
         distrib.teardown()
         set_deterministic(was_deterministic)
+        torch.backends.cudnn.benchmark = was_benchmark  # set_deterministic turns it on for non-deterministic runs
         if own_flag:
             preempt.uninstall()

@@ -11,10 +11,11 @@ script runs every CUDA path in one go and exits non-zero on any failure:
    fallback, saying which), checked against the CPU pipeline on the same validation images;
 3. bf16 autocast in channels_last against fp32, and ``torch.compile`` against eager;
 4. a 1-rank NCCL process group with SyncBatchNorm under DDP;
-5. a few steps of pretraining for both backbones, interrupted and resumed, with ``train.amp=false`` and
-   ``train.deterministic=true`` once each;
-6. fine-tuning both backbones from those weights, interrupted and resumed, then multi-scale + flip
-   evaluation;
+5. a few steps of pretraining for both backbones through the real launcher path (``torchrun``, a process group,
+   DDP, the global batch accumulated over two micro-batches), preempted at a step boundary and resumed, with
+   ``train.amp=false`` and ``train.deterministic=true`` once each;
+6. fine-tuning both backbones from those weights the same way (SyncBatchNorm, accumulation, preemption and resume),
+   then multi-scale + flip evaluation;
 7. a table of training throughput (images/s per GPU, data wait, MFU) of resnet50 vs resnet50_gcn at
    176 and 224 px from the trainer's own records, and the GCN/ResNet50 ratio in channels_last.
 """
@@ -25,6 +26,7 @@ import contextlib
 import json
 import os
 import socket
+import subprocess
 import sys
 import tempfile
 import time
@@ -36,9 +38,14 @@ from typing import Any
 
 import torch
 
-from engine.preemption import PreemptionFlag
+from engine.runner import CUBLAS_WORKSPACE
 
+ROOT = Path(__file__).resolve().parents[1]
 BACKBONES = ("resnet50", "resnet50_gcn")
+NOT_CHECKED = ("Not checked on one GPU: NCCL reductions between several GPUs and nodes (the all-reduce of "
+               "gradients, SyncBatchNorm's statistics, the ranks agreeing on a signal), ffcv's per-rank shards, the "
+               "data-loader threads of several ranks on one node. The CPU tests drive the same code with 2-3 gloo "
+               "processes; `python -m experiments.compare --rehearse` checks them on your cluster.")
 WORKERS = min(8, os.cpu_count() or 1)  # ffcv decoding threads (numba allows at most one per core)
 SPEED_RESOLUTIONS = (176, 224)
 
@@ -210,32 +217,36 @@ def check_nccl_syncbn(device: torch.device) -> str:
         dist.destroy_process_group()
 
 
-class StopAfter(PreemptionFlag):
-    """A preemption flag that fires after ``n`` step boundaries (a resume test without a real signal)."""
-
-    def __init__(self, n: int) -> None:
-        super().__init__()
-        self.left = n
-
-    def __bool__(self) -> bool:
-        self.left -= 1
-        if self.left < 0 and self.signum is None:
-            self.set()
-        return self.signum is not None
+# Every stage runs as a child through the real launcher path, as on a cluster: torchrun, one process per GPU (one
+# here), a process group (NCCL), DDP, SyncBatchNorm (fine-tuning), gradient accumulation (pretraining: the global
+# batch in two micro-batches) and a preemption at a step boundary (run.preempt_at_step: the checkpoint, exit, then
+# the same command resumes).
+ACCUMULATION = ["data.max_batch_per_process=32"]  # data.global_batch=64 on one process: 2 micro-batches of 32
 
 
-def pretrain(betons: dict[str, Path], run_dir: Path, device: torch.device, name: str, *extra: str,
-             stop_after: int | None = None) -> Any:
-    from backbone.train import PretrainConfig, run
-    from engine.config import load_config
+def launch(entry: Sequence[str], overrides: Sequence[str], run_dir: Path) -> int:
+    """``torchrun --standalone --nproc-per-node 1 ENTRY OVERRIDES``; returns the exit code (output: this process's)."""
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=1", *entry, *overrides]
+    print("   $ " + " ".join(cmd), flush=True)
+    return subprocess.run(cmd, cwd=ROOT, stdout=sys.stderr).returncode
 
-    cfg = load_config(PretrainConfig, None, [
+
+def launched_path(run_dir: Path, *expected: str) -> str:
+    """What train.log says of the launcher path (it must name each of ``expected``)."""
+    text = (run_dir / "train.log").read_text()
+    missing = [e for e in expected if e not in text]
+    assert not missing, f"{run_dir / 'train.log'} does not mention {missing}: not the launcher's path"
+    return ", ".join(expected)
+
+
+def pretrain(betons: dict[str, Path], run_dir: Path, device: torch.device, name: str, *extra: str) -> int:
+    return launch(["-m", "backbone.train"], [
         f"model.name={name}", f"data.train={betons['train']}", f"data.val={betons['val']}", f"run.dir={run_dir}",
         "data.global_batch=64", "data.val_batch_size=64", f"data.num_workers={WORKERS}", "optim.lr_batch_size=256",
         "optim.lr=0.4", "train.epochs=2", "resolution.min_res=128", "resolution.max_res=160",
         "resolution.start_ramp=0", "resolution.end_ramp=1", "resolution.val_res=160", "run.check_every_steps=5",
-        f"train.device={device.type}", "run.log_every_s=15", *extra])
-    return run(cfg, preempt=StopAfter(stop_after) if stop_after is not None else None)
+        f"train.device={device.type}", "run.log_every_s=15", *extra], run_dir)
 
 
 def check_pretraining(betons: dict[str, Path], work: Path, device: torch.device, name: str) -> str:
@@ -243,60 +254,60 @@ def check_pretraining(betons: dict[str, Path], work: Path, device: torch.device,
     from engine.logs import read_metrics
 
     run_dir = work / "pretrain" / name
-    assert pretrain(betons, run_dir, device, name, stop_after=3) == "preempted"
-    assert pretrain(betons, run_dir, device, name) == "finished"
+    assert pretrain(betons, run_dir, device, name, *ACCUMULATION, "run.preempt_at_step=3") != 0, \
+        "the run did not stop at its preemption"
+    assert pretrain(betons, run_dir, device, name, *ACCUMULATION) == 0, "the resumed run failed"
+    path = launched_path(run_dir, "process group", "accumulated over 2 micro-batches", "resumed from checkpoint")
     model, meta = load_backbone(run_dir / "final.pth")
     train = [r for r in read_metrics(run_dir / "metrics.jsonl") if r["kind"] == "train"]
     protocol = json.loads((run_dir / "eval_imagenet_224_crop0.875.json").read_text())
     mfu = train[-1]["mfu"]
     if device.type == "cuda":
         assert mfu is None or 0 < mfu < 1, f"MFU {mfu}"
-    return (f"interrupted at step 3, resumed, finished: {train[-1]['img_per_s_per_process']:.0f} img/s per process, "
-            f"data wait {100 * train[-1]['data_wait']:.0f} %, MFU {'n/a' if mfu is None else f'{100 * mfu:.0f} %'}; "
-            f"Table 6 protocol top-5 error {100 * protocol['top5_error']:.1f} %; final.pth rebuilds "
-            f"({meta.get('model_kwargs')})")
+    return (f"torchrun ({path}): preempted at step 3, resumed, finished: {train[-1]['img_per_s_per_process']:.0f} "
+            f"img/s per process, data wait {100 * train[-1]['data_wait']:.0f} %, MFU "
+            f"{'n/a' if mfu is None else f'{100 * mfu:.0f} %'}; Table 6 protocol top-5 error "
+            f"{100 * protocol['top5_error']:.1f} %; final.pth rebuilds ({meta.get('model_kwargs')})")
 
 
 def check_fp32_and_deterministic(betons: dict[str, Path], work: Path, device: torch.device) -> str:
-    assert pretrain(betons, work / "fp32", device, "resnet50", "train.amp=false", "train.epochs=1") == "finished"
-    # ffcv's crops and flips are not seedable, so two runs would see other pixels anyway: what is checked
-    # is that every kernel of both stages runs in deterministic mode (no "does not have a deterministic
-    # implementation" error), pretraining here and fine-tuning below
-    assert pretrain(betons, work / "det", device, "resnet50", "train.deterministic=true",
-                    "train.epochs=1") == "finished"
+    assert pretrain(betons, work / "fp32", device, "resnet50", "train.amp=false", "train.epochs=1") == 0
+    # what is checked: every kernel of both stages runs in deterministic mode (no "does not have a deterministic
+    # implementation" error) with cuBLAS's workspace set before any CUDA work, pretraining here and fine-tuning below
+    assert pretrain(betons, work / "det", device, "resnet50", "train.deterministic=true", "train.epochs=1") == 0
     return "train.amp=false trains with fp32 batches; train.deterministic=true runs (cuBLAS workspace set)"
 
 
 def check_finetuning(work: Path, device: torch.device, name: str) -> str:
-    from engine.config import load_config
     from experiments.shapes import ShapesSpec, write_shapes
     from segmentation import evaluate
-    from segmentation.finetune import FinetuneConfig, run
 
     data = work / "shapes"
-    write_shapes(data, ShapesSpec(train_per_class=4, val_per_class=2, voc_train=24, voc_val=12, sbd=48),
-                 progress=False)
+    if not (data / "shapes.json").exists():
+        write_shapes(data, ShapesSpec(train_per_class=4, val_per_class=2, voc_train=24, voc_val=12, sbd=48),
+                     progress=False)
     run_dir = work / "finetune" / name
-
-    def cfg() -> Any:
-        return load_config(FinetuneConfig, None, [
-            f"model.backbone={name}", "model.head=gcn_br", "model.kernel_size=7",
-            f"model.pretrained={work / 'pretrain' / name / 'final.pth'}", f"data.root={data / 'VOCdevkit'}",
-            f"data.sbd_root={data / 'benchmark_RELEASE'}", "data.crop_size=128", "data.global_batch=8",
-            f"data.num_workers={WORKERS}", "train.iterations=12", "eval.every=0", "run.checkpoint_every=4",
-            "run.check_every_steps=2", f"run.dir={run_dir}", f"train.device={device.type}",
-            # the GCN network's kernels in deterministic mode (the 2-D cross-entropy has none on CUDA)
-            f"train.deterministic={str(name == 'resnet50_gcn').lower()}"])
-
-    assert run(cfg(), preempt=StopAfter(5)) == "preempted"
-    assert run(cfg()) == "finished"
+    overrides = [
+        f"model.backbone={name}", "model.head=gcn_br", "model.kernel_size=7",
+        f"model.pretrained={work / 'pretrain' / name / 'final.pth'}", f"data.root={data / 'VOCdevkit'}",
+        f"data.sbd_root={data / 'benchmark_RELEASE'}", "data.crop_size=128", "data.global_batch=8",
+        "data.max_batch_per_process=4", f"data.num_workers={WORKERS}", "train.iterations=12", "eval.every=0",
+        "run.checkpoint_every=4", "run.check_every_steps=2", f"run.dir={run_dir}", f"train.device={device.type}",
+        # the GCN network's kernels in deterministic mode (the 2-D cross-entropy has none on CUDA)
+        f"train.deterministic={str(name == 'resnet50_gcn').lower()}"]
+    entry = [str(ROOT / "segmentation" / "finetune.py")]
+    assert launch(entry, [*overrides, "run.preempt_at_step=5"], run_dir) != 0, "the run did not stop at its preemption"
+    assert launch(entry, overrides, run_dir) == 0, "the resumed run failed"
+    path = launched_path(run_dir, "process group", "SyncBatchNorm", "accumulated over 2 micro-batches",
+                         "resumed from checkpoint")
     out = run_dir / "eval_ms_flip.json"
     with contextlib.redirect_stdout(sys.stderr):
         rc = evaluate.main(["--checkpoint", str(run_dir / "final.pth"), "--ms", "--flip", "--out", str(out),
                             "--device", device.type])
     assert rc == 0, f"evaluation exit {rc}"
     scores = json.loads(out.read_text())
-    return f"interrupted, resumed, finished; MS + flip mIoU {100 * scores['miou']:.1f} % on {scores['images']} images"
+    return (f"torchrun ({path}): preempted, resumed, finished; MS + flip mIoU {100 * scores['miou']:.1f} % on "
+            f"{scores['images']} images")
 
 
 def throughput(betons: dict[str, Path], work: Path, device: torch.device) -> list[dict[str, Any]]:
@@ -307,9 +318,11 @@ def throughput(betons: dict[str, Path], work: Path, device: torch.device) -> lis
     for res in SPEED_RESOLUTIONS:
         for name in BACKBONES:
             run_dir = work / "speed" / f"{name}_{res}"
-            pretrain(betons, run_dir, device, name, "train.epochs=3", f"resolution.min_res={res}",
-                     f"resolution.max_res={res}", "data.global_batch=128", "run.check_every_steps=4",
-                     "train.eval_every=100")
+            rc = pretrain(betons, run_dir, device, name, "train.epochs=3", f"resolution.min_res={res}",
+                          f"resolution.max_res={res}", "data.global_batch=128", "run.check_every_steps=4",
+                          "train.eval_every=100")
+            if rc != 0:
+                raise RuntimeError(f"{name} at {res} px: exit {rc}")
             train = [r for r in read_metrics(run_dir / "metrics.jsonl") if r["kind"] == "train"][2:]  # warm-up out
             if not train:
                 raise RuntimeError(f"{name} at {res} px wrote too few training records")
@@ -344,6 +357,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--work", type=Path, default=None, help="working folder (default: a temporary one)")
     p.add_argument("--skip-speed", action="store_true", help="leave out the throughput table")
     args = p.parse_args(argv)
+    # cuBLAS reads its workspace setting once per process, when its first handle is made: set it before any CUDA
+    # work, or the deterministic check (and any deterministic run in this process) fails
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", CUBLAS_WORKSPACE)
     if args.device == "cuda" and not torch.cuda.is_available():
         print("no GPU: torch sees no CUDA device on this machine, so there is nothing to check here. Run this on "
               "a machine with one GPU (or --device cpu for a dry run of the script).", file=sys.stderr)
@@ -390,6 +406,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print("\n" + checks.table())
     if rows:
         print("\n" + format_throughput(rows, "GPU" if device.type == "cuda" else "process"))
+    print("\n" + NOT_CHECKED)
     failed = [c.name for c in checks.done if not c.ok]
     print(f"\ngpu-check {'FAILED: ' + ', '.join(failed) if failed else 'passed'} in {time.monotonic() - t0:.0f} s")
     return 1 if failed else 0

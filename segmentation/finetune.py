@@ -43,11 +43,12 @@ from backbone.models import check_model_name
 from backbone.weights import WeightsMismatchError, load_weights, read_state_dict
 from engine import checkpoint as ckpt
 from engine import distributed as distrib
+from engine.batchnorm import SYNCED, convert_sync_batchnorm
 from engine.complexity import TrainFlops
 from engine.config import ConfigError, argument_parser, describe_keys, load_config, require_file, to_dict
 from engine.curves import draw_curves
 from engine.logs import MetricsWriter
-from engine.loop import TrainLoop, autocast, backward_accumulated, grouped, split_batch
+from engine.loop import MicroBatches, TrainLoop, autocast, backward_accumulated, split_batch
 from engine.preemption import PreemptionFlag
 from engine.provenance import file_sha256, read_run_record
 from engine.runner import NonFiniteLossError, RunDirState, RunStatus, inspect_run_dir, run_cli, run_stage
@@ -81,7 +82,7 @@ class ModelConfig:
     init_from: str = ""  # whole-network weights of a previous stage (its final.pth); overrides pretrained
     # the backbone's anti-aliasing: auto = as the weights were trained (none for random init)
     anti_aliasing: Literal["auto", "blurpool", "none"] = "auto"
-    sync_bn: bool = True  # SyncBatchNorm across GPUs under DDP (small per-GPU batches)
+    sync_bn: bool = True  # BatchNorm statistics over all processes under DDP (small per-GPU batches)
 
 
 @dataclass
@@ -139,6 +140,7 @@ class RunConfig:
     keep_checkpoints: int = 2
     log_every_s: float = 30.0
     check_every_steps: int = 20  # how often loss / signals are checked (each check syncs)
+    preempt_at_step: int = 0  # rehearsals: act as if SLURM's warning signal came at this step (once); 0: never
 
 
 @dataclass
@@ -154,7 +156,7 @@ class FinetuneConfig:
     # content in run.json), machine settings, logging. Everything else is the recipe.
     NOT_RECIPE = ("model.pretrained", "model.init_from", "data.root", "data.sbd_root", "data.num_workers",
                   "train.device", "train.deterministic", "eval.every", "run.dir", "run.keep_checkpoints",
-                  "run.log_every_s", "run.check_every_steps")
+                  "run.log_every_s", "run.check_every_steps", "run.preempt_at_step")
 
     def validate(self) -> None:
         if self.model.head not in HEADS:
@@ -341,8 +343,12 @@ class Finetuner:
         torch.manual_seed(cfg.train.seed)  # the same new-layer initialisation on every rank
         self.model_args = model_args(cfg, inputs.anti_aliasing)
         model = build_model(cfg, inputs.anti_aliasing)
-        if env.distributed and self.on_gpu and cfg.model.sync_bn:
-            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        if env.distributed and cfg.model.sync_bn:  # torch's SyncBatchNorm on GPUs, the same statistics on CPUs
+            model = convert_sync_batchnorm(model, device)
+            log.info("BatchNorm over all %d processes: %d SyncBatchNorm layers (%s)", env.world_size,
+                     sum(isinstance(m, SYNCED) for m in model.modules()), type(next(
+                         m for m in model.modules() if isinstance(m, SYNCED))).__name__ if any(
+                         isinstance(m, SYNCED) for m in model.modules()) else "none")
         self.model = model.to(device, memory_format=self.memory_format)
         self.ddp = (nn.parallel.DistributedDataParallel(self.model, device_ids=[device] if self.on_gpu else None)
                     if env.distributed else self.model)
@@ -378,6 +384,7 @@ class Finetuner:
             keep_checkpoints=cfg.run.keep_checkpoints,
             total_steps=self.total, check_every=cfg.run.check_every_steps,
             checkpoint_every=cfg.run.checkpoint_every, log_every_s=cfg.run.log_every_s,
+            preempt_at_step=cfg.run.preempt_at_step,
             nonfinite_hint="Lower optim.lr (or optim.head_lr_mult) or check the data")
         if inputs.run.resume_from is not None:
             self.resume(inputs.run.resume_from)
@@ -416,13 +423,17 @@ class Finetuner:
         return final.save(self.run_dir / "final.pth")
 
     # --- loops --------------------------------------------------------------------------------
-    def batches(self) -> Iterator[list[tuple[torch.Tensor, torch.Tensor]]]:
-        """Each step's micro-batches across epochs, from where the run stands (epoch, step within it)."""
+    def batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Micro-batches across epochs, from where the run stands (epoch, step within it: :meth:`count_step`
+        moves it on, so that an epoch asked for after its last step starts the next one)."""
         while True:
             self.sampler.set_epoch(self.epoch, self.step_in_epoch)
-            for micro_batches in grouped(self.loader, self.batch.accumulation):
-                self.step_in_epoch += 1
-                yield micro_batches
+            yield from self.loader
+
+    def count_step(self) -> None:
+        """One optimiser step done: the position in the epoch (what a checkpoint records) moves on."""
+        self.step_in_epoch += 1
+        if self.step_in_epoch == self.sampler.steps_per_epoch:
             self.epoch, self.step_in_epoch = self.epoch + 1, 0
 
     def loss(self, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
@@ -437,10 +448,13 @@ class Finetuner:
         """Train to the end, or until a signal (then a checkpoint is on disk and the job requeued)."""
         cfg = self.cfg
         if self.env.is_main:
-            log.info("fine-tuning %s + %s on %s/%s (%d images): %d iterations, global batch %d (%d processes), "
+            b = self.batch
+            log.info("fine-tuning %s + %s on %s/%s (%d images): %d iterations, global batch %d = %d processes x %d%s, "
                      "%d iterations per epoch, lr %.4g (new layers x%g)", cfg.model.backbone, cfg.model.head,
                      cfg.data.dataset, cfg.data.train_split, len(self.train_set), self.total, self.global_batch,
-                     self.env.world_size, self.sampler.steps_per_epoch, cfg.optim.lr, cfg.optim.head_lr_mult)
+                     self.env.world_size, b.per_process, f" (accumulated over {b.accumulation} micro-batches of "
+                     f"{b.micro_batch})" if b.accumulation > 1 else "", self.sampler.steps_per_epoch, cfg.optim.lr,
+                     cfg.optim.head_lr_mult)
         self.model.train()
         try:
             self.train_iterations()
@@ -452,16 +466,19 @@ class Finetuner:
         """The loop, as torchvision's ``train_one_epoch`` reads, over the run's remaining iterations."""
         cfg = self.cfg
         start = self.loop.step
-        for micro_batches in self.loop.steps(self.batches(), length=self.total - start, total=self.total,
-                                             initial=start, desc="fine-tune"):
+        for micro_batches in self.loop.steps(self.batches(), accumulation=self.batch.accumulation,
+                                             length=self.total - start, total=self.total, initial=start,
+                                             desc="fine-tune"):
             lr = poly_lr(cfg.optim.lr, self.loop.step, self.total, cfg.optim.power)
+            epoch = self.epoch
             loss = self.train_step(micro_batches, lr)
-            self.loop.record(loss, self.batch.per_process, epoch=self.epoch, lr=lr)
+            self.count_step()
+            self.loop.record(loss, self.batch.per_process, epoch=epoch, lr=lr)
             step = self.loop.step + 1
             if step == self.total or (cfg.eval.every and step % cfg.eval.every == 0):
                 self.validate(step)
 
-    def train_step(self, micro_batches: list[tuple[torch.Tensor, torch.Tensor]], lr: float) -> torch.Tensor:
+    def train_step(self, micro_batches: MicroBatches, lr: float) -> torch.Tensor:
         """One optimiser step over this process's share of the global batch (its micro-batches)."""
         for group in self.optimizer.param_groups:
             group["lr"] = lr * group["lr_mult"]
