@@ -338,7 +338,8 @@ class TrainLoop:
         speed = self._throughput(w)
         shown = {k: v for k, v in self._values.items() if k in ("lr", "epoch", "resolution")}
         progress.update(loss=mean_loss, **shown, img_s=round(speed.total, 1))
-        self.last_train = {"step": self.step, "loss": mean_loss, **self._values, **speed.record()}
+        self.last_train = {"step": self.step, "loss": mean_loss, **self._values, **speed.record(),
+                           "device": self.device.type, "world_size": world}
         self.metrics.write(kind="train", **self.last_train)
         w.reset()
 

@@ -572,14 +572,19 @@ def test_distributed_shards_are_disjoint_and_cover_the_set(ranks, labels):
     n = len(labels)
     per_rank = -(-n // 2)  # DistributedSampler pads to a multiple of the world size by repeating samples
     results = ranks["results"]
-    for key, epoch, shuffle in (("train", 0, True), ("train", 1, True), ("val", None, False)):
-        shards = [np.array(results[r][key] if epoch is None else results[r][key][epoch]) for r in range(2)]
+    # validation: every image on exactly one rank (no padding: a score must count each image once)
+    val = [np.array(results[r]["val"]) for r in range(2)]
+    assert sorted(np.concatenate(val).tolist()) == list(range(n))
+    for r in range(2):
+        np.testing.assert_array_equal(val[r], np.arange(r, n, 2))
+    for key, epoch, shuffle in (("train", 0, True), ("train", 1, True)):
+        shards = [np.array(results[r][key][epoch]) for r in range(2)]
         assert [len(s) for s in shards] == [per_rank, per_rank]
         assert set(shards[0]) | set(shards[1]) == set(range(n))
         assert len(set(shards[0]) & set(shards[1])) == 2 * per_rank - n  # only the padding repeats
         for r in range(2):  # the documented order: DistributedSampler(seed, shuffle).set_epoch(epoch)
             sampler = DistributedSampler(range(n), num_replicas=2, rank=r, shuffle=shuffle, seed=3)
-            sampler.set_epoch(epoch or 0)
+            sampler.set_epoch(epoch)
             np.testing.assert_array_equal(shards[r], list(sampler))
     assert results[0]["train"][0] != results[0]["train"][1]  # reshuffled every epoch
 

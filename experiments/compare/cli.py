@@ -22,6 +22,7 @@ from .collect import collect
 from .config import CompareConfig
 from .launch import Interrupted, run_local, submit_sbatch, wait_for_table
 from .plan import Run, StageFailed, check_plan, move_aside, plan, stale_reason
+from .rehearse import refuse_rehearsal_output, rehearsal_config, report, start_fresh, write_report
 
 __all__ = ["build_parser", "print_summary", "main"]
 
@@ -45,6 +46,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="print the plan (commands or sbatch lines), run nothing")
     p.add_argument("--no-check", action="store_true",
                    help="skip the data checks on this machine (paths only visible on the cluster's nodes)")
+    p.add_argument("--rehearse", action="store_true",
+                   help="the first thing to run on a new cluster: the same plan, launcher and resources with "
+                        "every stage cut to rehearse.steps steps (preempted and resumed on the way), into "
+                        "<output>-rehearsal; ends with a table of what ran, throughput per GPU, data wait, MFU and "
+                        "the full plan's GPU-hours")
     return p
 
 
@@ -82,18 +88,33 @@ def handle_stale(runs: Sequence[Run], move: bool) -> dict[Path, str]:
 
 
 def launch_sbatch(cfg: CompareConfig, runs: Sequence[Run], args: argparse.Namespace, overrides: list[str]) -> None:
-    """Submit the jobs and a collect job that reruns this command with --collect; with --wait, print the table."""
+    """Submit the jobs and a collect job that reruns this command with --collect; with --wait (and always for a
+    rehearsal), print the table."""
     config = [] if args.config is None else ["--config", str(args.config.resolve())]
-    collect_argv = ["-m", "experiments.compare", *config, "--collect", *overrides]
+    collect_argv = ["-m", "experiments.compare", *config, "--collect", *(["--rehearse"] if args.rehearse else []),
+                    *overrides]
     ids = submit_sbatch(cfg, runs, collect_argv, dry_run=args.dry_run)
     if args.dry_run:
         return
     out = Path(cfg.output).resolve()
-    if not args.wait:
+    if not (args.wait or args.rehearse):
         print(f"the table appears in {out / 'table6.md'} when job {ids['collect']} ends; or run again with "
               "--collect at any time")
         return
     print_summary(json.loads(wait_for_table(ids, out).read_text()))
+    if args.rehearse:
+        print((out / "rehearsal.md").read_text())
+
+
+def collect_rehearsal(real: CompareConfig, cfg: CompareConfig, runs: Sequence[Run], stale: dict[Path, str]) -> None:
+    """The rehearsal's collect: the table (marked as a rehearsal's), then the rehearsal's own report."""
+    result = collect(cfg, runs, stale)
+    table = Path(result["files"]["table"])
+    table.write_text("> **Rehearsal**: every stage cut short (rehearsal.md); these scores say nothing about the "
+                     "networks.\n\n" + table.read_text())
+    print_summary(result)
+    path = write_report(report(real, plan(real), cfg, runs))
+    print(path.read_text())
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -101,7 +122,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     overrides = list(args.overrides) + ([f"launch.launcher={args.launcher}"] if args.launcher else [])
     setup_logging()
     try:
-        cfg = load_config(CompareConfig, args.config, overrides)
+        cfg = real = load_config(CompareConfig, args.config, overrides)
+        if args.rehearse:
+            cfg = rehearsal_config(real)
+            if not (args.collect or args.dry_run):
+                start_fresh(cfg)
+        else:
+            refuse_rehearsal_output(cfg)
         runs = plan(cfg)
         stale = handle_stale(runs, move=not (args.collect or args.dry_run))
         check_plan(runs, data=not (args.no_check or args.collect), skip_recipe=stale)
@@ -109,6 +136,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             print_local_plan(runs, stale)
         elif not args.collect and cfg.launch.launcher == "sbatch":
             launch_sbatch(cfg, runs, args, overrides)
+        elif args.rehearse:
+            if not args.collect:
+                run_local(runs, resume_preempted=True)
+            collect_rehearsal(real, cfg, runs, stale)
         else:
             if not args.collect:
                 run_local(runs)

@@ -10,8 +10,8 @@ from typing import Literal
 
 from engine.config import ConfigError
 
-__all__ = ["StageConfig", "PretrainStageConfig", "EvaluateConfig", "StatsConfig", "FiguresConfig", "ResourceConfig",
-           "LaunchConfig", "CompareConfig"]
+__all__ = ["StageConfig", "PretrainStageConfig", "EvaluateConfig", "StatsConfig", "FiguresConfig", "RehearseConfig",
+           "ResourceConfig", "LaunchConfig", "CompareConfig"]
 
 
 @dataclass
@@ -56,6 +56,16 @@ class FiguresConfig:
 
 
 @dataclass
+class RehearseConfig:
+    """``--rehearse``: the plan with every stage cut short, on the cluster it will run on (its own output folder)."""
+
+    steps: int = 40  # optimiser steps of every stage (pretraining: one epoch of this many steps)
+    preempt_at: int = 15  # at this step each stage acts as if SLURM's warning signal came: checkpoint, requeue,
+    # resume (0: no preemption)
+    images: int = 500  # validation images of every evaluation (pretraining's, the fine-tunes', the collect step's)
+
+
+@dataclass
 class ResourceConfig:
     nodes: int = 1
     tasks_per_node: int = 8  # one per GPU
@@ -90,6 +100,7 @@ class CompareConfig:
     stats: StatsConfig = field(default_factory=StatsConfig)
     figures: FiguresConfig = field(default_factory=FiguresConfig)
     launch: LaunchConfig = field(default_factory=LaunchConfig)
+    rehearse: RehearseConfig = field(default_factory=RehearseConfig)
 
     def validate(self) -> None:
         """ConfigError, with the fix, for a matrix that cannot be planned."""
@@ -109,6 +120,10 @@ class CompareConfig:
                 require_pydensecrf()
             except CRFUnavailableError as e:
                 raise ConfigError(f"evaluate.crf: {e}") from e
+        r = self.rehearse
+        if r.steps < 1 or r.images < 1 or not 0 <= r.preempt_at < r.steps:
+            raise ConfigError(f"rehearse: need steps >= 1, images >= 1 and 0 <= preempt_at < steps, got steps="
+                              f"{r.steps}, images={r.images}, preempt_at={r.preempt_at}")
         if not 0 < self.stats.confidence < 1 or self.stats.replicates < 1:
             raise ConfigError(f"stats: need 0 < confidence < 1 and replicates >= 1, got {self.stats.confidence} "
                               f"and {self.stats.replicates}")

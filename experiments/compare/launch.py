@@ -82,11 +82,12 @@ def _run_forwarding_signals(cmd: list[str]) -> tuple[int, int | None]:
     return rc, (got[0] if got else None)
 
 
-def run_local(runs: Sequence[Run]) -> None:
+def run_local(runs: Sequence[Run], resume_preempted: bool = False) -> None:
     """Each unfinished run in turn, as a subprocess whose output (progress bars, logs) is shown as is.
 
     Ctrl-C (or SIGTERM) reaches the running child once: it checkpoints and stops, and this raises
-    Interrupted (no later run starts)."""
+    Interrupted (no later run starts). With ``resume_preempted`` (a rehearsal, whose stages preempt themselves
+    once), a run that stopped with a checkpoint is started again, once, to resume: what SLURM's requeue does."""
     for i, run in enumerate(runs, 1):
         head = f"[{i}/{len(runs)}] {run.name}"
         if run.finished:
@@ -97,6 +98,9 @@ def run_local(runs: Sequence[Run]) -> None:
               + (f", {procs} processes (torchrun, one per GPU)" if procs > 1 else ""), flush=True)
         t0 = time.monotonic()
         rc, signum = _run_forwarding_signals(run.command())
+        if signum is None and rc != 0 and resume_preempted and not run.finished and any(run.dir.glob("checkpoint_*")):
+            print(f"{head}: stopped at its rehearsed preemption (exit {rc}); starting it again to resume", flush=True)
+            rc, signum = _run_forwarding_signals(run.command())
         if signum is not None:
             raise Interrupted(signum, run, rc)
         if rc != 0 or not run.finished:
