@@ -287,12 +287,13 @@ class TrainLoop:
                 if not self._recorded:
                     raise RuntimeError("the training step did not call TrainLoop.record()")
                 self.step += 1
-                if self.step == self.preempt_at_step and self._first_step < self.step:
+                rehearsed = self.step == self.preempt_at_step and self._first_step < self.step
+                if rehearsed:  # every rank at the same step: they agree at once, not at the next periodic check
                     self.log.info("run.preempt_at_step=%d: acting as if SLURM's warning signal (%s) arrived",
                                   self.step, REHEARSAL_SIGNAL.name)
                     self.preempt.set(REHEARSAL_SIGNAL)
                 end_of_run = self.total_steps is not None and self.step >= self.total_steps
-                periodic = self.step % self.check_every == 0 or i + 1 == length or end_of_run
+                periodic = self.step % self.check_every == 0 or i + 1 == length or end_of_run or rehearsed
                 # Agreeing on a signal is an all-reduce (a sync): multi-process runs look only periodically.
                 stop = distrib.any_rank(bool(self.preempt), self.device) \
                     if periodic or not self.env.distributed else False

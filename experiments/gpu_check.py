@@ -249,14 +249,16 @@ def pretrain(betons: dict[str, Path], run_dir: Path, device: torch.device, name:
         f"train.device={device.type}", "run.log_every_s=15", *extra], run_dir)
 
 
-def check_pretraining(betons: dict[str, Path], work: Path, device: torch.device, name: str) -> str:
+def check_pretraining(betons: dict[str, Path], work: Path, device: torch.device, name: str,
+                      extra: Sequence[str] = ()) -> str:
+    """``extra``: overrides last (the CPU test shrinks the run with them)."""
     from backbone.artifacts import load_backbone
     from engine.logs import read_metrics
 
     run_dir = work / "pretrain" / name
-    assert pretrain(betons, run_dir, device, name, *ACCUMULATION, "run.preempt_at_step=3") != 0, \
+    assert pretrain(betons, run_dir, device, name, *ACCUMULATION, "run.preempt_at_step=3", *extra) != 0, \
         "the run did not stop at its preemption"
-    assert pretrain(betons, run_dir, device, name, *ACCUMULATION) == 0, "the resumed run failed"
+    assert pretrain(betons, run_dir, device, name, *ACCUMULATION, *extra) == 0, "the resumed run failed"
     path = launched_path(run_dir, "process group", "accumulated over 2 micro-batches", "resumed from checkpoint")
     model, meta = load_backbone(run_dir / "final.pth")
     train = [r for r in read_metrics(run_dir / "metrics.jsonl") if r["kind"] == "train"]
@@ -278,7 +280,8 @@ def check_fp32_and_deterministic(betons: dict[str, Path], work: Path, device: to
     return "train.amp=false trains with fp32 batches; train.deterministic=true runs (cuBLAS workspace set)"
 
 
-def check_finetuning(work: Path, device: torch.device, name: str) -> str:
+def check_finetuning(work: Path, device: torch.device, name: str, extra: Sequence[str] = ()) -> str:
+    """Fine-tunes ``name`` from its pretraining's final.pth; ``extra``: overrides last."""
     from experiments.shapes import ShapesSpec, write_shapes
     from segmentation import evaluate
 
@@ -294,7 +297,7 @@ def check_finetuning(work: Path, device: torch.device, name: str) -> str:
         "data.max_batch_per_process=4", f"data.num_workers={WORKERS}", "train.iterations=12", "eval.every=0",
         "run.checkpoint_every=4", "run.check_every_steps=2", f"run.dir={run_dir}", f"train.device={device.type}",
         # the GCN network's kernels in deterministic mode (the 2-D cross-entropy has none on CUDA)
-        f"train.deterministic={str(name == 'resnet50_gcn').lower()}"]
+        f"train.deterministic={str(name == 'resnet50_gcn').lower()}", *extra]
     entry = [str(ROOT / "segmentation" / "finetune.py")]
     assert launch(entry, [*overrides, "run.preempt_at_step=5"], run_dir) != 0, "the run did not stop at its preemption"
     assert launch(entry, overrides, run_dir) == 0, "the resumed run failed"

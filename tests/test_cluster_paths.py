@@ -397,3 +397,24 @@ def test_launched_single_process_takes_the_distributed_path(monkeypatch) -> None
     env = distrib.detect_env()
     assert env.world_size == 1 and env.launched and env.distributed
     assert sys.modules["engine.distributed"] is distrib
+
+
+# --- defect 8: the GPU check takes the launcher's path ----------------------------------------------------------
+@pytest.mark.slow
+def test_gpu_check_runs_both_stages_through_torchrun_with_accumulation_and_a_preemption(pretrain_betons,
+                                                                                       tmp_path) -> None:
+    """The GPU check's stage checks, shrunk to the CPU: torchrun, a process group, DDP, SyncBatchNorm, two
+    micro-batches per step, a preemption at a step boundary and the resume (before: in-process, one process, no
+    process group, no accumulation)."""
+    from experiments import gpu_check
+
+    cpu = torch.device("cpu")
+    small = ["data.num_workers=1", "data.global_batch=16", "data.max_batch_per_process=8", "data.val_batch_size=16",
+             "resolution.min_res=32", "resolution.max_res=32", "resolution.val_res=32", "train.epochs=1"]
+    detail = gpu_check.check_pretraining(pretrain_betons, tmp_path, cpu, "resnet10t", extra=small)
+    assert detail.startswith("torchrun (process group, accumulated over 2 micro-batches, resumed from checkpoint)")
+    detail = gpu_check.check_finetuning(tmp_path, cpu, "resnet10t", extra=[
+        "data.crop_size=48", "data.num_workers=0", "train.iterations=6", "model.kernel_size=7"])
+    assert detail.startswith("torchrun (process group, SyncBatchNorm, accumulated over 2 micro-batches, resumed")
+    log = (tmp_path / "finetune" / "resnet10t" / "train.log").read_text()
+    assert "SyncBatchNorm layers (CPUSyncBatchNorm)" in log and "preempt_at_step=5" in log
