@@ -172,7 +172,8 @@ def submitit_executor(res: SlurmResources, cluster: Cluster, folder: str | Path,
 
     local and debug run on this machine only: one node (a note on stderr when ``res`` asks for more);
     debug runs a single task. The SLURM-only settings (warning delay, requeue, partition / account / qos,
-    extra sbatch options) apply to ``slurm``. ``max_requeues``: how often a timed-out job is resubmitted.
+    extra sbatch options, the CPUs per task given to srun and ``OMP_NUM_THREADS``) apply to ``slurm``.
+    ``max_requeues``: how often a timed-out job is resubmitted.
     """
     import submitit
 
@@ -194,6 +195,12 @@ def submitit_executor(res: SlurmResources, cluster: Cluster, folder: str | Path,
         additional: dict[str, str | bool] = {"requeue": True} if res.requeue else {}
         additional.update(_additional_parameters(res.extra_args))
         params["slurm_signal_delay_s"] = res.signal_delay_s
+        # As slurm/launch.sh does for the sbatch scripts: the srun of submitit's script gets the job's CPUs per task
+        # (since SLURM 22.05 srun no longer inherits --cpus-per-task; where tasks are bound to cores each would
+        # get one CPU), and the tasks' thread count is the same (where a site does not bind, torch would otherwise
+        # start a thread per CPU of the node in every rank).
+        params["slurm_srun_args"] = [f"--cpus-per-task={res.cpus_per_task}"]
+        params["slurm_setup"] = [f"export OMP_NUM_THREADS={res.cpus_per_task}"]
         if additional:
             params["slurm_additional_parameters"] = additional
         for key in ("partition", "account", "qos"):

@@ -101,6 +101,17 @@ def test_submitit_executor_parameters_per_cluster(tmp_path: Path, capsys: pytest
     assert type(debug).__name__ == "DebugExecutor" and debug.parameters["tasks_per_node"] == 1
 
 
+def test_submitit_job_script_gives_srun_the_jobs_cpus_per_task(tmp_path: Path) -> None:
+    # SLURM >= 22.05: srun does not inherit the job's --cpus-per-task; the srun line of submitit's script must say it
+    ex = submitit_executor(RES, "slurm", tmp_path, name="job")._executor
+    lines = ex._make_submission_file_text("python -m x", "uid").splitlines()
+    assert "#SBATCH --cpus-per-task=6" in lines
+    (srun,) = [line for line in lines if line.startswith("srun ")]
+    assert srun.split()[1:] == ["--unbuffered", "--output", f"{tmp_path}/%j_%t_log.out", "--error",
+                                f"{tmp_path}/%j_%t_log.err", "--cpus-per-task=6", "python", "-m", "x"]
+    assert lines.index("export OMP_NUM_THREADS=6") < lines.index(srun)  # the tasks' threads, as slurm/launch.sh
+
+
 def test_submitit_executor_requeue_off_and_time_string(tmp_path: Path) -> None:
     ex = submitit_executor(SlurmResources(time="1:30:00", requeue=False), "slurm", tmp_path, name="j")._executor
     assert ex.parameters["time"] == 90 and "additional_parameters" not in ex.parameters
@@ -136,6 +147,27 @@ def test_submit_maps_resources_to_each_executor() -> None:
     assert type(local).__name__ == "LocalExecutor" and local.parameters["tasks_per_node"] == 4
     debug = make_executor(parse_args(["--debug", *common]))._executor
     assert type(debug).__name__ == "DebugExecutor" and debug.parameters["tasks_per_node"] == 1
+
+
+# --- slurm/launch.sh --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("job_cpus", ["6", None])
+def test_lkm_launch_gives_srun_the_jobs_cpus_per_task(fake_bin: Path, job_cpus: str | None) -> None:
+    # SLURM >= 22.05: srun reads SRUN_CPUS_PER_TASK, not the job's SLURM_CPUS_PER_TASK; without --cpus-per-task on
+    # sbatch both are unset and srun's default (1) is the job's
+    _fake(fake_bin, "srun", 'echo "SRUN_CPUS_PER_TASK=${SRUN_CPUS_PER_TASK-unset} OMP_NUM_THREADS=$OMP_NUM_THREADS"\n'
+                            'printf "%s\\n" "$@"\n')
+    env = {**os.environ, "SLURM_JOB_ID": "7", "SLURM_NTASKS": "2", "SLURM_JOB_NODELIST": "n1"}
+    env.pop("SRUN_CPUS_PER_TASK", None)
+    env.pop("SLURM_CPUS_PER_TASK", None)
+    if job_cpus:
+        env["SLURM_CPUS_PER_TASK"] = job_cpus
+    root = Path(__file__).resolve().parents[1]
+    proc = run_watched(["bash", "-c", "set -euo pipefail; source slurm/launch.sh; lkm_launch configs/demo.yaml "
+                        "'python x' -- python -m x -- a=1"], env=env, cwd=root)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines()[-8:] == [
+        f"SRUN_CPUS_PER_TASK={job_cpus or 'unset'} OMP_NUM_THREADS={job_cpus or 1}",  # what srun was started with
+        "--kill-on-bad-exit=1", "python", "-m", "x", "--config", "configs/demo.yaml", "a=1"], proc.stdout
 
 
 # --- sbatch, squeue ---------------------------------------------------------------------------------------------

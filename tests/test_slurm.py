@@ -1,13 +1,19 @@
-"""Pretraining on a real local SLURM cluster: submitit launcher, sbatch script, preemption + requeue.
+"""Pretraining on a real local SLURM cluster: submitit launcher, sbatch script, preemption + requeue, CPU binding.
 
 Two 2-task CPU jobs with the same tiny config (global batch 32): one through submitit that runs
 straight through, one through ``sbatch slurm/imagenet_pretrain.sh`` that is signalled mid-run
 (SIGUSR1, as SLURM's time-limit warning), checkpoints, requeues itself and resumes. Deterministic
 mode on CPU: both must end with the same weights.
+
+The cluster binds tasks to CPUs as production clusters do (task/affinity + task/cgroup, slurm/local/start.sh), so
+a task runs on the CPUs its job step was given, not on the machine's: the binding tests check that every task of
+both launch paths (slurm/launch.sh's srun and submitit's) gets its job's ``--cpus-per-task`` (since SLURM 22.05
+srun no longer inherits it), and that a 1-task 2-CPU pretraining with 2 loader workers runs through each path.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -15,12 +21,14 @@ import sys
 from pathlib import Path
 
 import pytest
+import submitit
 import torch
 from conftest import files_progress, run_watched, wait_until
 
 from backbone.antialias import anti_aliasing_of
 from backbone.artifacts import load_backbone
 from engine.logs import read_metrics
+from engine.slurm import SlurmResources, submitit_executor
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 ROOT = Path(__file__).resolve().parents[1]
@@ -103,3 +111,108 @@ def test_sbatch_job_signalled_mid_run_requeues_resumes_and_matches(
     a = torch.load(submitit_run / "final.pth", weights_only=True)["state_dict"]
     b = torch.load(run_dir / "final.pth", weights_only=True)["state_dict"]
     assert [k for k in a if not torch.equal(a[k], b[k])] == []
+
+
+# --- CPU binding: each task gets its job's --cpus-per-task ------------------------------------------------------
+# The node has 2 CPUs: one task with 2 CPUs (what fails when srun does not pass --cpus-per-task on: 1 CPU), and two
+# tasks with 1 CPU each (disjoint: the binding is real, not the whole machine for everyone).
+SHAPES = [pytest.param(1, 2, id="1task-2cpus"), pytest.param(2, 1, id="2tasks-1cpu")]
+PROBE = ROOT / "tests/cpu_probe.py"
+# a job script like slurm/*.sh: slurm/launch.sh's lkm_launch runs the probe on every task (it checks the config)
+PROBE_JOB = f"""#!/usr/bin/env bash
+set -euo pipefail
+source "$SLURM_SUBMIT_DIR/slurm/launch.sh"
+lkm_launch {TINY} "python tests/cpu_probe.py" -- "$PYTHON" tests/cpu_probe.py --
+"""
+
+
+def probes(text: str) -> list[dict]:
+    """The CPU-PROBE lines of a job's output (tests/cpu_probe.py), by rank."""
+    found = [json.loads(line.split(" ", 1)[1]) for line in text.splitlines() if line.startswith("CPU-PROBE ")]
+    return sorted(found, key=lambda p: p["rank"])
+
+
+def assert_bound(found: list[dict], tasks: int, cpus: int, text: str) -> None:
+    """Every task runs on exactly its ``cpus`` CPUs, the tasks' CPUs do not overlap, numba sees as many, and
+    ``OMP_NUM_THREADS`` says as many (both launchers set it)."""
+    assert [p["rank"] for p in found] == list(range(tasks)), text
+    assert [len(p["cpus"]) for p in found] == [cpus] * tasks, text
+    assert [p["numba_threads"] for p in found] == [cpus] * tasks, text
+    assert len({c for p in found for c in p["cpus"]}) == tasks * cpus, text
+    assert [p["omp_num_threads"] for p in found] == [str(cpus)] * tasks, text
+
+
+@pytest.mark.parametrize("tasks, cpus", SHAPES)
+def test_slurm_lkm_launch_gives_every_task_its_cpus_per_task(slurm_cluster: dict, tmp_path: Path, tasks: int,
+                                                              cpus: int) -> None:
+    script = tmp_path / "probe.sh"
+    script.write_text(PROBE_JOB)
+    env = {**os.environ, **slurm_cluster, "PYTHON": sys.executable}
+    out = subprocess.run(["sbatch", "--parsable", "--nodes=1", f"--ntasks-per-node={tasks}", f"--cpus-per-task={cpus}",
+                          "--time=10", f"--output={tmp_path}/%x-%j.out", "--job-name=lkm-cpu-probe", str(script)],
+                         cwd=ROOT, env=env, capture_output=True, text=True, check=True).stdout
+    job = out.strip().split(";")[0]
+    log = tmp_path / f"lkm-cpu-probe-{job}.out"
+    try:
+        wait_for(lambda: job_state(job) in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL"),
+                 f"job {job} to finish", job, log, tmp_path)
+    finally:
+        subprocess.run(["scancel", job], capture_output=True)
+    text = log.read_text()
+    assert job_state(job) == "COMPLETED", text
+    assert_bound(probes(text), tasks, cpus, text)
+
+
+@pytest.mark.parametrize("tasks, cpus", SHAPES)
+def test_slurm_submitit_gives_every_task_its_cpus_per_task(slurm_cluster: dict, tmp_path: Path, tasks: int,
+                                                            cpus: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    for key, value in slurm_cluster.items():  # submitit runs sbatch, squeue and sacct with this environment
+        monkeypatch.setenv(key, value)
+    res = SlurmResources(tasks_per_node=tasks, cpus_per_task=cpus, time=10, partition="debug")
+    executor = submitit_executor(res, "slurm", tmp_path / "%j", name="lkm-cpu-probe")
+    job = executor.submit(submitit.helpers.CommandFunction([sys.executable, str(PROBE)], cwd=str(ROOT)))
+    log = Path(str(job.paths.stdout).replace("%t", "0"))
+    try:
+        wait_until(job.done, f"submitit job {job.job_id}", files_progress(tmp_path),
+                   report=lambda: f"job {job.job_id}: {job_state(job.job_id)}\n" + "\n".join(
+                       p.read_text()[-2000:] for p in sorted(tmp_path.rglob("*.*")) if p.suffix in (".out", ".err")))
+    finally:
+        job.cancel(check=False)
+    outputs = "\n".join(job.results())  # one CommandFunction stdout per task; raises (with its stderr) if one failed
+    assert_bound(probes(outputs), tasks, cpus, outputs + log.read_text())
+
+
+@pytest.mark.parametrize("launcher", ["sbatch", "submitit"])
+def test_slurm_one_task_two_cpus_pretrains_with_two_loader_workers(
+        launcher: str, slurm_cluster: dict, pretrain_betons: dict[str, Path], tmp_path: Path) -> None:
+    # data.num_workers follows --cpus-per-task (2) on both paths; backbone.train refuses more workers than numba has
+    # threads, and numba has as many as the task's CPUs: with one CPU per task this stops with a ConfigError
+    run_dir = tmp_path / "run"
+    args = [f"data.train={pretrain_betons['train']}", f"data.val={pretrain_betons['val']}", f"run.dir={run_dir}",
+            "train.epochs=1"]
+    env = {**os.environ, **slurm_cluster, "PYTHON": sys.executable}
+    if launcher == "submitit":
+        proc = run_watched([sys.executable, "-m", "backbone.submit", "--config", TINY, "--gpus-per-node", "0",
+                            "--tasks-per-node", "1", "--cpus-per-task", "2", "--partition", "debug", "--timeout-min",
+                            "30", "--folder", str(tmp_path / "submitit"), "--wait", *args],
+                           env=env, progress=files_progress(tmp_path))
+        log = Path(re.search(r"log:\s+(\S+)", proc.stdout).group(1)) if "log:" in proc.stdout else None
+        text = proc.stdout + proc.stderr + (log.with_suffix(".err").read_text() if log and log.exists() else "")
+        assert proc.returncode == 0 and "finished: ['finished']" in proc.stdout, text[-5000:]
+    else:
+        out = subprocess.run(["sbatch", "--parsable", "--nodes=1", "--ntasks-per-node=1", "--gpus-per-node=0",
+                              "--cpus-per-task=2", "--time=30", f"--output={tmp_path}/%x-%j.out",
+                              "slurm/imagenet_pretrain.sh", TINY, *args],
+                             cwd=ROOT, env=env, capture_output=True, text=True, check=True).stdout
+        job = out.strip().split(";")[0]
+        log = tmp_path / f"lkm-pretrain-{job}.out"
+        try:
+            wait_for(lambda: job_state(job) in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL"),
+                     f"job {job} to finish", job, log, run_dir)
+        finally:
+            subprocess.run(["scancel", job], capture_output=True)
+        text = log.read_text()
+        assert job_state(job) == "COMPLETED", text[-5000:]
+        assert "1 tasks, 2 CPUs each" in text and "data.num_workers=2" in text, text[-5000:]
+    final = torch.load(run_dir / "final.pth", weights_only=True)
+    assert final["provenance"]["world_size"] == 1, text[-5000:]

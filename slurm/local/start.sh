@@ -4,15 +4,20 @@
 # Env: LKM_SLURM_DIR (default /tmp/lkm-slurm)  state/, log/, run/, bin/ live here
 #      LKM_SLURM_WAIT_S   (default 60)               how long to wait for the node to become idle
 #      LKM_SLURM_SACCT_SHIM (default 1)              link $LKM_SLURM_DIR/bin/sacct to /usr/local/bin/sacct
-# Installs (if missing) slurmctld slurmd slurm-client munge, writes /etc/slurm/slurm.conf,
+#      LKM_SLURM_BINDING  (default: cgroup where usable, else affinity)  how tasks are bound to CPUs
+#                         (slurm/local/common.sh, choose_binding)
+# Installs (if missing) slurmctld slurmd slurm-client munge, writes /etc/slurm/slurm.conf (and cgroup.conf),
 # starts munged, slurmctld, slurmd (pids of the ones it started are recorded in run/*.ours
 # for slurm/local/stop.sh) and waits until `sinfo` shows the node idle.
+# Tasks are bound to their CPUs as on production clusters (task/affinity + task/cgroup): a task started by srun
+# runs on the CPUs of its job step only, so a launcher that does not pass --cpus-per-task on to srun is seen here.
 set -euo pipefail
 
 DIR=${LKM_SLURM_DIR:-/tmp/lkm-slurm}
 WAIT_S=${LKM_SLURM_WAIT_S:-60}
 SHIM=${LKM_SLURM_SACCT_SHIM:-1}
 CONF=/etc/slurm/slurm.conf
+CGROUP_CONF=/etc/slurm/cgroup.conf
 # this cluster's config, also where a shell still names the 2-node cluster's (slurm/local/start_2node.sh)
 export SLURM_CONF=$CONF
 RUN=$DIR/run LOG=$DIR/log STATE=$DIR/state BIN=$DIR/bin
@@ -26,8 +31,9 @@ say() { echo "[slurm-local +$(( ($(date +%s%N) - T0) / 1000000 ))ms] $*"; }
 die() { echo "slurm/local/start.sh: ERROR: $*" >&2; exit 1; }
 [ "$(id -u)" = 0 ] || die "must run as root"
 
-# alive, wait_for, common_slurm_conf
+# alive, wait_for, choose_binding, cgroup_conf, common_slurm_conf
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
+choose_binding || die "bad LKM_SLURM_BINDING"
 # stop_ours NAME: stop a daemon this script started (recorded in run/NAME.ours)
 stop_ours() {
   local f=$RUN/$1.ours p; alive "$f" "$1" || { rm -f "$f"; return 0; }
@@ -87,6 +93,11 @@ echo "PartitionName=debug Nodes=$H Default=YES MaxTime=INFINITE State=UP"
 } > "$RUN/slurm.conf.new"
 CHANGED=0
 if ! cmp -s "$RUN/slurm.conf.new" "$CONF"; then mv "$RUN/slurm.conf.new" "$CONF"; CHANGED=1; say "wrote $CONF"; else rm -f "$RUN/slurm.conf.new"; fi
+if [ "$BINDING" = cgroup ]; then
+  cgroup_conf > "$RUN/cgroup.conf.new"
+  if ! cmp -s "$RUN/cgroup.conf.new" "$CGROUP_CONF"; then mv "$RUN/cgroup.conf.new" "$CGROUP_CONF"; CHANGED=1; say "wrote $CGROUP_CONF"; else rm -f "$RUN/cgroup.conf.new"; fi
+fi
+say "task binding: $BINDING ($(grep '^TaskPlugin=' "$CONF"))"
 
 # sacct shim: no slurmdbd here (slurm/local/common.sh says why it matters)
 write_sacct_shim "$BIN/sacct"
