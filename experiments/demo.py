@@ -95,8 +95,9 @@ def seeds_note(result: dict[str, Any]) -> str:
     return (f"Seeds: each backbone was pretrained with seed(s) {pre} only and each fine-tune ran with seeds {seeds} "
             "(configs/demo.yaml: pretrain.seeds, seeds), to stay within 15 minutes on 2 CPU cores; the spread and "
             "the intervals hold fine-tuning's seed-to-seed variation and the choice of validation images, not "
-            "pretraining's (configs/table6.yaml runs every stage once per seed). ffcv's crop and flip "
-            "augmentation in pretraining is not seeded (numba's per-thread generators).")
+            "pretraining's, so a backbone comparison's verdict holds for this pretraining only: it compares two "
+            "weight files, not two architectures (configs/table6.yaml runs every stage once per seed). ffcv's crop "
+            "and flip augmentation in pretraining is not seeded (numba's per-thread generators).")
 
 
 def with_paths(overrides: Sequence[str], paths: dict[str, str]) -> str:
@@ -131,10 +132,14 @@ def verdict(output: Path) -> bool:
         ok &= learned or not name.endswith("+gcn_br")
     comparisons = result.get("comparisons") or []
     if comparisons:
-        conf = round(100 * (result.get("stats") or {}).get("confidence", 0.95))
-        print(f"\ndifferences in mIoU points (B - A), {conf} % interval, verdict:")
+        st = result.get("stats") or {}
+        conf = round(100 * st.get("confidence", 0.95))
+        size = (st.get("family") or {}).get("size", len(comparisons))
+        print(f"\ndifferences in mIoU points (B - A), {conf} % interval, verdict (Holm over {size} comparisons):")
         for c in comparisons:
             print(f"  {c['label']:<44} {c['text']}")
+            if c.get("detectable") is not None:
+                print(f"  {'':<44} detectable with these seeds: >= {c['detectable']:.1f} points")
     return ok
 
 

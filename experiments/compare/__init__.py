@@ -4,14 +4,15 @@
     python -m experiments.compare --config configs/table6.yaml launch.launcher=sbatch --wait
     python -m experiments.compare --config configs/table6.yaml --collect          # gather only
     python -m experiments.compare --config configs/table6.yaml --dry-run          # show the plan
+    python -m experiments.compare --config configs/table6.yaml --plan-seeds 0.2,5.5   # seeds for these differences
 
 The matrix is {backbones} x {heads} x {seeds} (Table 6: resnet50, resnet50_gcn x baseline, gcn_br).
 Each backbone is pretrained once per seed (``backbone.train``, ``train.seed``), each (backbone, head,
 seed) is fine-tuned from that backbone's ``final.pth`` of the same seed (``segmentation/finetune.py``),
 each fine-tune is evaluated (``segmentation.evaluate``), and the results are collected: each cell as
 mean ± standard deviation over seeds, each comparison of the paper as a difference with a 95 %
-interval (hierarchical paired bootstrap over seeds and validation images) and a verdict. Everything
-lives under ``output``::
+interval (paired over seeds and validation images), a verdict corrected for the table's family of
+comparisons (Holm) and the smallest difference its seeds could detect. Everything lives under ``output``::
 
     pretrain/<backbone>/seed<s>/          a pretraining run directory (config.yaml, run.json, final.pth,
                                           eval_imagenet_224_crop0.875.json)
@@ -39,7 +40,7 @@ finished), then a collect job (``--collect``) after all of them.
 Modules, in the order a call goes through them: ``config`` (the schema), ``plan`` (the runs, recipe
 drift, the checks before anything starts), ``launch`` (local runs; SLURM jobs, ``jobs.json``, waiting),
 ``collect`` (evaluation, records with their provenance, seeds aggregated, comparisons, the files written),
-``stats`` (summaries over seeds, the bootstrap, verdicts), ``table`` (the paper's figures, markdown),
+``stats`` (summaries over seeds, intervals, Holm, the seed planner), ``table`` (the paper's figures, markdown),
 ``cli`` (``main``).
 """
 from __future__ import annotations
@@ -50,13 +51,18 @@ from .cli import build_parser, main, print_summary
 from .collect import (
     aggregate,
     chance_miou,
+    check_score,
     collect,
+    compared,
     comparisons,
     eval_json,
     evaluate_runs,
     finetune_record,
     gather,
+    judge,
     pretrain_record,
+    seed_plan,
+    setting,
 )
 from .config import (
     CompareConfig,
@@ -70,7 +76,18 @@ from .config import (
 )
 from .launch import run_local, submit_sbatch, wait_for_table
 from .plan import LAUNCHER_KEYS, Run, StageFailed, check_plan, move_aside, not_recipe, plan, recipe_drift, stale_reason
-from .stats import Difference, Summary, format_difference, paired_bootstrap, summarize, verdict
+from .stats import (
+    Components,
+    Difference,
+    Summary,
+    detectable_difference,
+    format_difference,
+    holm,
+    paired_difference,
+    seeds_needed,
+    summarize,
+    verdict,
+)
 from .table import PAPER_TABLE6, table_markdown, table_rows
 
 __all__ = [
@@ -79,9 +96,10 @@ __all__ = [
     "ResourceConfig", "LaunchConfig",
     "Run", "StageFailed", "plan", "not_recipe", "recipe_drift", "stale_reason", "move_aside", "check_plan",
     "run_local", "submit_sbatch", "wait_for_table",
-    "eval_json", "evaluate_runs", "pretrain_record", "finetune_record", "aggregate", "comparisons", "chance_miou",
-    "gather", "collect",
-    "Summary", "Difference", "summarize", "paired_bootstrap", "verdict", "format_difference",
+    "eval_json", "evaluate_runs", "check_score", "pretrain_record", "finetune_record", "aggregate", "comparisons",
+    "judge", "compared", "setting", "seed_plan", "chance_miou", "gather", "collect",
+    "Summary", "Components", "Difference", "summarize", "paired_difference", "holm", "detectable_difference",
+    "seeds_needed", "verdict", "format_difference",
     "table_rows", "table_markdown",
     "build_parser", "print_summary", "main",
 ]

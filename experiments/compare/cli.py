@@ -1,8 +1,9 @@
 """The comparison's command line, ``python -m experiments.compare``: flags, the flow of one call, the summary.
 
-``main`` loads the config, plans, checks, then either shows the plan (``--dry-run``), submits SLURM
-jobs (``--launcher sbatch``, waiting with ``--wait``), or runs what is missing here, and collects.
-Errors in the config, the data or a stage exit with code 2 and one ``error:`` line.
+``main`` loads the config, plans, checks, then either shows the plan (``--dry-run``), plans the seeds from
+the scores already there (``--plan-seeds``), submits SLURM jobs (``--launcher sbatch``, waiting with
+``--wait``), or runs what is missing here, and collects. Errors in the config, the data or a stage exit with
+code 2 and one ``error:`` line.
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from engine.checkpoint import CheckpointError
 from engine.config import ConfigError, describe_keys, load_config
 from engine.logs import setup_logging
 
-from .collect import collect
+from .collect import collect, compared, crf_variants, score_problem, seed_plan
 from .config import CompareConfig
 from .launch import Interrupted, run_local, submit_sbatch, wait_for_table
 from .plan import Run, StageFailed, check_plan, move_aside, plan, stale_reason
@@ -51,7 +52,55 @@ def build_parser() -> argparse.ArgumentParser:
                         "every stage cut to rehearse.steps steps (preempted and resumed on the way), into "
                         "<output>-rehearsal; ends with a table of what ran, throughput per GPU, data wait, MFU and "
                         "the full plan's GPU-hours")
+    p.add_argument("--plan-seeds", type=_deltas, default=None, metavar="DELTA[,DELTA...]",
+                   help="train and evaluate nothing: from the scores of the finished runs, print for each comparison "
+                        "the smallest difference its seeds can detect, and the seeds each DELTA (mIoU points, e.g. "
+                        "0.2,5.5) needs (80 %% power at the table's family-wise level)")
     return p
+
+
+def _deltas(text: str) -> list[float]:
+    """``--plan-seeds``' value: one or more differences in mIoU points, comma-separated, each > 0."""
+    try:
+        deltas = [abs(float(x)) for x in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a difference in mIoU points (e.g. 5.5 or 0.2,5.5)") from None
+    if not deltas or any(d == 0 for d in deltas):
+        raise argparse.ArgumentTypeError(f"{text!r}: each difference must be nonzero (e.g. 5.5 or 0.2,5.5)")
+    return deltas
+
+
+def print_seed_plan(cfg: CompareConfig, runs: Sequence[Run], stale: dict[Path, str], deltas: Sequence[float]) -> None:
+    """--plan-seeds: what each comparison's seeds can detect and the seeds each difference needs (read-only)."""
+    result = compared(cfg, runs, stale)
+    plans = seed_plan(result["comparisons"] + result.get("comparisons_crf", []), deltas, cfg.stats.confidence)
+    unscored = [r.name for r in runs if r.kind == "finetune" and r.finished and r.dir not in stale
+                and any(score_problem(r, cfg.evaluate, crf) for crf in crf_variants(cfg.evaluate))]
+    if not plans:
+        print("no comparison to plan: the config has one backbone and one head")
+        return
+    tested = sum(row["units"] is not None for row in plans)
+    print(f"seed plan: {round(100 * plans[0]['power'])} % power at the family's strictest level (alpha = "
+          f"{plans[0]['alpha']:.3g}, the table's {round(100 * cfg.stats.confidence)} % over {tested} comparisons "
+          "with Holm's correction), from the spread the finished seeds show so far")
+    for row in plans:
+        n = len(row["seeds"] or [])
+        unit = "pretraining runs" if row["unit"] == "pretraining" else "seeds"
+        scope = f"; {row['scope']}" if row["scope"] else ""
+        print(f"  {row['label']} ({n} paired seed{'s' if n != 1 else ''}{scope})")
+        if row["detectable"] is None:
+            print("    " + ("no seed finished in both networks yet" if not n else
+                          f"one {unit[:-1]}: no spread from {unit[:-1]} to {unit[:-1]} to plan from; finish a second"))
+            continue
+        print(f"    spread from {unit[:-1]} to {unit[:-1]}: sd {row['seed_sd']:.2f} points over {row['units']} "
+              f"{unit}; image-level error shared by all: se {row['image_se']:.2f} points")
+        print(f"    detectable with these seeds: >= {row['detectable']:.1f} points")
+        for delta, need in row["needed"].items():
+            print(f"    {delta:g} points: " + (f"{need} {unit}" if need is not None else
+                                               "more seeds cannot get there (the image-level error every seed shares "
+                                               "is too large: it needs more validation images)"))
+    if unscored:
+        print("finished but without a current score (run --collect first to include them): " + ", ".join(unscored))
 
 
 def print_summary(result: dict[str, Any]) -> None:
@@ -125,14 +174,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         cfg = real = load_config(CompareConfig, args.config, overrides)
         if args.rehearse:
             cfg = rehearsal_config(real)
-            if not (args.collect or args.dry_run):
+            if not (args.collect or args.dry_run or args.plan_seeds is not None):
                 start_fresh(cfg)
         else:
             refuse_rehearsal_output(cfg)
         runs = plan(cfg)
-        stale = handle_stale(runs, move=not (args.collect or args.dry_run))
-        check_plan(runs, data=not (args.no_check or args.collect), skip_recipe=stale)
-        if args.dry_run and cfg.launch.launcher == "local":
+        reading = args.collect or args.plan_seeds is not None  # read what is there: train nothing, move nothing
+        stale = handle_stale(runs, move=not (reading or args.dry_run))
+        check_plan(runs, data=not (args.no_check or reading), skip_recipe=stale)
+        if args.plan_seeds is not None:
+            print_seed_plan(cfg, runs, stale, args.plan_seeds)
+        elif args.dry_run and cfg.launch.launcher == "local":
             print_local_plan(runs, stale)
         elif not args.collect and cfg.launch.launcher == "sbatch":
             launch_sbatch(cfg, runs, args, overrides)

@@ -13,8 +13,10 @@ fine-tune is evaluated again. With ``evaluate.crf`` each fine-tune has a second 
 ``gather`` reads one record per run and seed (each naming the weights by hash, the evaluation settings,
 and from ``run.json`` the recipe hash, world size, global batch, seed and code version), aggregates the
 seeds of each cell (mean ± standard deviation, n) and makes every comparison of the paper with a
-confidence interval (``stats.paired_bootstrap``); ``collect`` writes ``table6.md``, ``table6.json``,
-``table6.png`` and the figures.
+confidence interval (``stats.paired_difference``), a verdict corrected for the table's family of comparisons
+(Holm) and the smallest difference its seeds could detect; ``collect`` writes ``table6.md``, ``table6.json``,
+``table6.png`` and the figures. A cell's mIoU and a comparison's difference come from the same per-image
+counts: a score JSON whose mIoU disagrees with its ``.per_image.npz`` is refused (``check_score``).
 """
 from __future__ import annotations
 
@@ -23,7 +25,7 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -37,13 +39,19 @@ from .config import CompareConfig, EvaluateConfig
 from .plan import Run, StageFailed
 from .table import PAPER_TABLE6, display, table_markdown
 
-__all__ = ["eval_settings", "crf_variants", "eval_json", "score_problem", "evaluate_runs", "imagenet_problem",
-           "evaluate_imagenet", "provenance", "pretrain_record", "finetune_record", "aggregate", "comparisons",
-           "chance_miou", "gather", "collect", "PRETRAIN_KEYS", "FINETUNE_KEYS"]
+__all__ = ["eval_settings", "crf_variants", "eval_json", "score_problem", "check_score", "evaluate_runs",
+           "imagenet_problem", "evaluate_imagenet", "provenance", "pretrain_record", "finetune_record", "aggregate",
+           "comparisons", "judge", "compared", "setting", "seed_plan", "chance_miou", "gather", "collect",
+           "PRETRAIN_KEYS", "FINETUNE_KEYS", "PAPER_SETTING"]
 
 PRETRAIN_KEYS = ("top5_error", "top1_error", "ffcv_top5_error", "ffcv_top1_error")
 FINETUNE_KEYS = ("miou", "pixel_acc", "boundary_acc", "internal_acc")
 RUN_FIELDS = ("recipe_hash", "world_size", "global_batch", "seed", "code_version")
+# What Table 6 was measured on: ImageNet-1k val (50,000 images, 1,000 classes) and PASCAL VOC 2012 val (1,449
+# images). The paper's figures are shown beside ours only when every finished run was scored on exactly these.
+PAPER_SETTING = {"pretrain_images": 50_000, "pretrain_classes": 1000, "dataset": "voc", "split": "val",
+                 "val_images": 1449}
+SCORE_TOLERANCE = 1e-6  # |mIoU of the JSON - mIoU of its per-image counts| (fractions) that still counts as equal
 
 
 def _pct(x: float | None) -> float | None:
@@ -92,6 +100,20 @@ def score_problem(run: Run, ev: EvaluateConfig, crf: bool = False) -> str | None
     if differ:
         return f"{path.name} was computed with other settings ({', '.join(differ)})"
     return None
+
+
+def check_score(path: Path, record: dict[str, Any]) -> None:
+    """StageFailed unless the score JSON's mIoU and image count are those of its per-image counts: the table's
+    cell is read from the JSON and the comparison's difference from the counts, so they must be one data."""
+    npz = path.with_suffix(".per_image.npz")
+    with np.load(npz) as z:
+        counts = z["tp_fp_fn"]
+    from_counts = float(stats.miou_from_counts(counts.sum(0)))
+    if record.get("images") != counts.shape[0] or abs(record["miou"] - from_counts) > SCORE_TOLERANCE:
+        raise StageFailed(f"{path} says mIoU {100 * record['miou']:.2f} % over {record.get('images')} images, but "
+                          f"its per-image counts ({npz.name}) give {100 * from_counts:.2f} % over {counts.shape[0]}: "
+                          "one of the two was edited or damaged; delete both and run again with --collect to "
+                          "evaluate that final.pth anew")
 
 
 def _evaluate(run: Run, ev: EvaluateConfig, out: Path, crf: bool = False) -> None:
@@ -201,8 +223,10 @@ def _ffcv_validation(run: Run) -> dict[str, Any] | None:
 
 def pretrain_record(run: Run, score: bool = True) -> dict[str, Any] | None:
     """A finished pretraining's ImageNet errors (%): Table 6's protocol (scored now when missing or stale,
-    with ``score``) and ffcv's last validation, each with its source and the run's provenance; or None."""
+    with ``score``) and ffcv's last validation, each with its source and the run's provenance, the classes of its
+    validation data and its epochs; or None."""
     from backbone.evaluate import PAPER, record_path
+    from backbone.write_beton import meta_path
 
     if not run.finished:
         return None
@@ -213,8 +237,12 @@ def pretrain_record(run: Run, score: bool = True) -> dict[str, Any] | None:
     path = record_path(run.final, PAPER)
     s = json.loads(path.read_text())
     ffcv = _ffcv_validation(run)
+    cfg = run.stage_config()
+    meta = meta_path(cfg.data.val) if cfg.data.val else None
+    classes = json.loads(meta.read_text()).get("num_classes") if meta and meta.exists() else None
     return {"seed": run.seed, "top5_error": _pct(s["top5_error"]), "top1_error": _pct(s["top1_error"]),
-            "images": s["images"], "protocol": s["protocol"], "source": str(path),
+            "images": s["images"], "classes": classes, "epochs": cfg.train.epochs, "protocol": s["protocol"],
+            "source": str(path),
             "weights_sha256": s["weights"]["sha256"], "data_meta_sha256": (s.get("data") or {}).get("meta_sha256"),
             "eval_code_version": s.get("code_version"),
             "ffcv_top5_error": ffcv and ffcv["top5_error"], "ffcv_top1_error": ffcv and ffcv["top1_error"],
@@ -224,11 +252,13 @@ def pretrain_record(run: Run, score: bool = True) -> dict[str, Any] | None:
 def finetune_record(run: Run, ev: EvaluateConfig, crf: bool = False) -> dict[str, Any] | None:
     """The scores (%) of a finished fine-tune whose score file (with CRF or without) is current, with the
     files, the weights' hash, the settings, ``crf`` (the CRF's parameters, or None) and the run's
-    provenance; or None. With ``crf``, also the CRF's time per image."""
+    provenance; or None. With ``crf``, also the CRF's time per image. StageFailed when the JSON's mIoU is not
+    that of its per-image counts (``check_score``)."""
     if not run.finished or score_problem(run, ev, crf) is not None:
         return None
     out = eval_json(run, ev, crf)
     s = json.loads(out.read_text())
+    check_score(out, s)
     settings = eval_settings(run, ev, crf).to_json()
     record = {"seed": run.seed, "miou": _pct(s["miou"]), "pixel_acc": _pct(s["pixel_acc"]),
               "boundary_acc": _pct(s["boundary_acc"]), "internal_acc": _pct(s["internal_acc"]),
@@ -298,10 +328,24 @@ def load_counts(cell: dict[str, Any] | None) -> tuple[dict[int, np.ndarray], np.
     return counts, names
 
 
+PROCEDURE = ("paired t interval over seeds (or over pretraining runs, for a backbone comparison that has several) "
+             "with the image-level variance added, each at its own t quantile (Banerjee 1960); image level from a "
+             "paired bootstrap of the validation images (the same for both arms and every seed), mIoU from summed "
+             "per-image counts; verdicts Holm-corrected over the table's comparisons")
+SCOPE_ONE_SEED = "this seed only"  # one paired seed: image-level uncertainty only
+SCOPE_ONE_PRETRAINING = "this pretraining only"  # backbone comparison, every seed from one pretraining per backbone
+
+
 def comparisons(segmentation: dict[str, dict[str, Any] | None], backbones: Sequence[str], heads: Sequence[str],
-                cfg_stats: Any) -> list[dict[str, Any]]:
-    """Each comparison with its difference, interval and verdict, over the seeds both arms finished
-    (``stats.paired_bootstrap``); ``None`` figures where an arm has no finished seed."""
+                cfg_stats: Any, pretrain_seed: Callable[[int], int] | None = None) -> list[dict[str, Any]]:
+    """Each comparison with its difference and interval (``stats.paired_difference``) over the seeds both arms
+    finished; ``None`` figures where an arm has no finished seed. The verdicts come from :func:`judge`, over
+    the table's whole family.
+
+    ``pretrain_seed`` maps a fine-tune seed to the pretraining seed it started from. In a backbone
+    comparison the pretraining runs are the independent units (fine-tunes from one pretraining share its
+    weights); when all its seeds started from one pretraining per backbone, the interval covers fine-tuning's
+    seeds and the images only, and the verdict is scoped to that pretraining (``scope``)."""
     out = []
     for pair in comparison_pairs(backbones, heads):
         entry: dict[str, Any] = {**pair, "paper": _paper_difference(pair["a"], pair["b"])}
@@ -309,16 +353,76 @@ def comparisons(segmentation: dict[str, dict[str, Any] | None], backbones: Seque
         if na is not None and nb is not None and not np.array_equal(na, nb):
             raise StageFailed(f"{pair['a']} and {pair['b']} were scored on different validation images: evaluate "
                               "both with the same settings")
-        if set(ca) & set(cb):
-            d = stats.paired_bootstrap(ca, cb, replicates=cfg_stats.replicates, confidence=cfg_stats.confidence,
-                                       seed=cfg_stats.seed)
-            entry.update(d.to_json(), verdict=stats.verdict(d, pair["better_b"], pair["better_a"]),
-                         text=stats.format_difference(d, pair["better_b"], pair["better_a"]))
-            entry["unpaired_seeds"] = sorted(set(ca) ^ set(cb))
-        else:
-            entry.update(estimate=None, text="–", verdict="no seed finished in both")
+        seeds = sorted(set(ca) & set(cb))
+        if not seeds:
+            entry.update(estimate=None, text="–", verdict="no seed finished in both", scope="")
+            out.append(entry)
+            continue
+        units, scope = None, ""
+        if pair["kind"] == "backbone" and pretrain_seed is not None:
+            pretrainings = {s: pretrain_seed(s) for s in seeds}
+            distinct = len(set(pretrainings.values()))
+            if distinct == 1 and len(seeds) > 1:
+                scope = SCOPE_ONE_PRETRAINING
+            elif 1 < distinct < len(seeds):  # some fine-tunes share a pretraining: those are one unit
+                units = pretrainings
+        if len(seeds) == 1:
+            scope = SCOPE_ONE_SEED
+        d = stats.paired_difference(ca, cb, units=units, replicates=cfg_stats.replicates,
+                                    confidence=cfg_stats.confidence, seed=cfg_stats.seed)
+        entry.update(d.to_json(), unit="pretraining" if units is not None else "seed", scope=scope,
+                     unpaired_seeds=sorted(set(ca) ^ set(cb)))
         out.append(entry)
     return out
+
+
+def _components(c: dict[str, Any]) -> stats.Components:
+    return stats.Components((c.get("seed_sd") or 0.0) ** 2, c["units"], c["image_se"] ** 2, c["images"])
+
+
+def judge(family: Sequence[dict[str, Any]], confidence: float) -> dict[str, Any]:
+    """The verdicts of a family of comparisons (every comparison of the table with a difference, with and
+    without CRF), in place: Holm-adjusted p-values (``p_holm``), ``significant`` after the correction,
+    ``verdict`` and ``text``, and the smallest difference each could detect with its seeds (``detectable``:
+    80 % power at the family's strictest level, ``alpha / m``, the one Holm applies to its first step, so the
+    power under Holm is at least that) and, where the paper has one, the seeds its difference would need.
+    Returns the family's description for table6.json."""
+    tested = [c for c in family if c.get("estimate") is not None]
+    alpha = 1 - confidence
+    m = len(tested)
+    level = alpha / max(m, 1)
+    for c, p in zip(tested, stats.holm([c["p_value"] for c in tested]), strict=True):
+        c["p_holm"] = p
+        c["significant"] = p < alpha
+        c["verdict"] = stats.verdict(c["significant"], c["estimate"], c["better_b"], c["better_a"], c["scope"])
+        c["text"] = stats.format_difference(c["estimate"], c["low"], c["high"], c["verdict"])
+        parts = _components(c)
+        c["detectable"] = None if c["units"] < 2 else round(stats.detectable_difference(parts, level), 2)
+        c["detectable_alpha"], c["power"] = level, stats.POWER
+        c["seeds_for_paper"] = None if c["units"] < 2 or not c.get("paper") else \
+            stats.seeds_needed(c["paper"], parts, level)
+    return {"correction": "holm", "size": m, "alpha": alpha, "plan_alpha": level, "power": stats.POWER,
+            "comparisons": [c["label"] + (", both + CRF" if c.get("crf") else "") for c in tested]}
+
+
+def seed_plan(family: Sequence[dict[str, Any]], deltas: Sequence[float], confidence: float) -> list[dict[str, Any]]:
+    """``--plan-seeds``: for each comparison of the family, what its seeds can detect and how many units (seeds,
+    or pretraining runs for a backbone comparison that has several) each difference in ``deltas`` needs, at the
+    family's strictest level (:func:`judge`) with 80 % power, from the spread observed so far."""
+    tested = [c for c in family if c.get("estimate") is not None]
+    level = (1 - confidence) / max(len(tested), 1)
+    plans = []
+    for c in family:
+        plan = {"label": c["label"] + (", both + CRF" if c.get("crf") else ""), "units": c.get("units"),
+                "unit": c.get("unit"), "seeds": c.get("seeds"), "seed_sd": c.get("seed_sd"),
+                "image_se": c.get("image_se"), "detectable": None, "needed": {}, "scope": c.get("scope", ""),
+                "alpha": level, "power": stats.POWER}
+        if c.get("estimate") is not None and c["units"] >= 2:
+            parts = _components(c)
+            plan["detectable"] = stats.detectable_difference(parts, level)
+            plan["needed"] = {d: stats.seeds_needed(d, parts, level) for d in deltas}
+        plans.append(plan)
+    return plans
 
 
 # ---------------------------------------------------------------------------------------------
@@ -352,9 +456,55 @@ def _by_network(runs: Sequence[Run], kind: str) -> dict[str, list[Run]]:
     return out
 
 
+def compared(cfg: CompareConfig, runs: Sequence[Run], stale: dict[Path, str] | None = None) -> dict[str, Any]:
+    """The segmentation cells (with CRF too when ``evaluate.crf``), the comparisons and their verdicts
+    (:func:`judge` over the family of all of them): the part of the record ``--plan-seeds`` needs too. Reads the
+    current score files only (evaluates nothing); ``stale`` fine-tunes are left out."""
+    stale = stale or {}
+
+    def cells(crf: bool) -> dict[str, dict[str, Any] | None]:
+        return {key: aggregate({r.seed: None if r.dir in stale else finetune_record(r, cfg.evaluate, crf)
+                                for r in rs}, FINETUNE_KEYS)
+                for key, rs in _by_network(runs, "finetune").items()}
+
+    def compare(cells: dict[str, dict[str, Any] | None], crf: bool) -> list[dict[str, Any]]:
+        return [{**c, "crf": crf} for c in comparisons(cells, cfg.backbones, cfg.heads, cfg.stats, cfg.backbone_seed)]
+
+    seg = cells(False)
+    out: dict[str, Any] = {"segmentation": seg, "comparisons": compare(seg, False)}
+    # with evaluate.crf, the CRF's scores in keys of their own: a cell, a comparison, an interval never
+    # mixes scores with and without CRF; the verdicts are one family with the plain ones
+    if cfg.evaluate.crf:
+        seg_crf = cells(True)
+        out.update(segmentation_crf=seg_crf, comparisons_crf=compare(seg_crf, True))
+    out["family"] = judge(out["comparisons"] + out.get("comparisons_crf", []), cfg.stats.confidence)
+    return out
+
+
+def setting(pre: dict[str, dict[str, Any] | None], seg: dict[str, dict[str, Any] | None],
+            finetune: Run | None) -> dict[str, Any]:
+    """Whether the finished runs were scored in Table 6's setting (``PAPER_SETTING``: ImageNet-1k val, VOC 2012
+    val), so that the paper's figures may stand beside ours, and what they were scored on."""
+    pre_runs = [r for cell in pre.values() for r in (cell or {}).get("runs", {}).values()]
+    seg_runs = [r for cell in seg.values() for r in (cell or {}).get("runs", {}).values()]
+    data = finetune.stage_config().data if finetune is not None else None
+    found = {"pretrain_images": sorted({r.get("images") for r in pre_runs}, key=str),
+             "pretrain_classes": sorted({r.get("classes") for r in pre_runs}, key=str),
+             "dataset": data.dataset if data else None, "split": data.val_split if data else None,
+             "val_images": sorted({r.get("images") for r in seg_runs}, key=str),
+             "epochs": sorted({r.get("epochs") for r in pre_runs}, key=str)}
+    paper = bool(pre_runs and seg_runs) and all(
+        found[k] == v if k in ("dataset", "split") else found[k] == [v] for k, v in PAPER_SETTING.items())
+    classes = found["pretrain_classes"]
+    return {"paper": paper, **found,
+            # top-5 of fewer than 10 classes holds most of them: top-1 is the row that tells networks apart
+            "top_k": 5 if all(c is None or c >= 10 for c in classes) else 1}
+
+
 def gather(cfg: CompareConfig, runs: Sequence[Run], stale: dict[Path, str] | None = None,
            score: bool = True) -> dict[str, Any]:
-    """Every figure of the table with its provenance, aggregated over seeds, and the comparisons (JSON-able).
+    """Every figure of the table with its provenance, aggregated over seeds, the comparisons with their verdicts,
+    and the setting they were measured in (JSON-able).
 
     ``stale`` fine-tunes (backbone retrained since; {dir: reason}) are left out and listed. With ``score``
     a pretraining without a current ImageNet score under the paper's protocol is scored now."""
@@ -363,39 +513,24 @@ def gather(cfg: CompareConfig, runs: Sequence[Run], stale: dict[Path, str] | Non
            for b, rs in _by_network(runs, "pretrain").items()}
     finetunes = [r for r in runs if r.kind == "finetune"]
 
-    def cells(crf: bool) -> dict[str, dict[str, Any] | None]:
-        return {key: aggregate({r.seed: None if r.dir in stale else finetune_record(r, cfg.evaluate, crf)
-                                for r in rs}, FINETUNE_KEYS)
-                for key, rs in _by_network(runs, "finetune").items()}
-
     def settings(crf: bool) -> dict[str, Any] | None:
         return eval_settings(finetunes[0], cfg.evaluate, crf).to_json() if finetunes else None
 
-    seg = cells(False)
-    # with evaluate.crf, the CRF's scores in keys of their own: a cell, a comparison, an interval never
-    # mixes scores with and without CRF
-    with_crf = {}
-    if cfg.evaluate.crf:
-        seg_crf = cells(True)
-        with_crf = {"segmentation_crf": seg_crf,
-                    "comparisons_crf": [{**c, "crf": True}
-                                        for c in comparisons(seg_crf, cfg.backbones, cfg.heads, cfg.stats)]}
+    seg = compared(cfg, runs, stale)
+    family = seg.pop("family")
     return {
         "backbones": list(cfg.backbones), "heads": list(cfg.heads), "seeds": list(cfg.seeds),
         "pretrain_seeds": cfg.pretrain_seeds,
         "pretrain": pre,
         "crf": cfg.evaluate.crf,  # whether segmentation_crf / comparisons_crf are there
-        "segmentation": seg,
-        "comparisons": [{**c, "crf": False} for c in comparisons(seg, cfg.backbones, cfg.heads, cfg.stats)],
-        **with_crf,
+        **seg,
         "chance_miou": chance_miou(finetunes[0]) if finetunes else None,
         "paper": PAPER_TABLE6,
+        "setting": setting(pre, seg["segmentation"], finetunes[0] if finetunes else None),
         "evaluation": {"segmentation": settings(False),
                        **({"segmentation_crf": settings(True)} if cfg.evaluate.crf else {})},
         "stats": {"confidence": cfg.stats.confidence, "replicates": cfg.stats.replicates, "seed": cfg.stats.seed,
-                  "procedure": "hierarchical paired bootstrap: seeds (paired by number) resampled, then validation "
-                               "images (the same for both arms), mIoU from summed per-image counts; percentile "
-                               "interval"},
+                  "procedure": PROCEDURE, "family": family},
         "missing": [r.name for r in runs if not r.finished or r.dir in stale],
         "stale": [{"run": r.name, "dir": str(r.dir), "reason": stale[r.dir]} for r in runs if r.dir in stale],
         "output": str(Path(cfg.output).resolve()),

@@ -40,8 +40,9 @@ class EvaluateConfig:
 
 @dataclass
 class StatsConfig:
-    confidence: float = 0.95  # of the differences' intervals
-    replicates: int = 2000  # bootstrap replicates (seeds, then images, resampled in each)
+    # of the differences' intervals; 1 - confidence is also the family-wise level of the Holm-corrected verdicts
+    confidence: float = 0.95
+    replicates: int = 2000  # of the paired image bootstrap that estimates the image level of each interval
     seed: int = 0  # of the bootstrap's random generator: the same runs give the same intervals
 
 
@@ -124,8 +125,8 @@ class CompareConfig:
         if r.steps < 1 or r.images < 1 or not 0 <= r.preempt_at < r.steps:
             raise ConfigError(f"rehearse: need steps >= 1, images >= 1 and 0 <= preempt_at < steps, got steps="
                               f"{r.steps}, images={r.images}, preempt_at={r.preempt_at}")
-        if not 0 < self.stats.confidence < 1 or self.stats.replicates < 1:
-            raise ConfigError(f"stats: need 0 < confidence < 1 and replicates >= 1, got {self.stats.confidence} "
+        if not 0 < self.stats.confidence < 1 or self.stats.replicates < 2:
+            raise ConfigError(f"stats: need 0 < confidence < 1 and replicates >= 2, got {self.stats.confidence} "
                               f"and {self.stats.replicates}")
 
     @property
