@@ -418,3 +418,32 @@ def test_gpu_check_runs_both_stages_through_torchrun_with_accumulation_and_a_pre
     assert detail.startswith("torchrun (process group, SyncBatchNorm, accumulated over 2 micro-batches, resumed")
     log = (tmp_path / "finetune" / "resnet10t" / "train.log").read_text()
     assert "SyncBatchNorm layers (CPUSyncBatchNorm)" in log and "preempt_at_step=5" in log
+
+
+# --- the device and process-group choices a GPU job makes, with the device facts monkeypatched ----------------
+def test_a_gpu_process_takes_the_gpu_of_its_local_rank(monkeypatch) -> None:
+    chosen: list[torch.device] = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    monkeypatch.setattr(torch.cuda, "set_device", chosen.append)
+    for local_rank, expected in ((0, 0), (3, 3), (5, 1)):  # 8 tasks on a node that shows each task 4 GPUs
+        env = distrib.DistEnv(rank=local_rank, world_size=8, local_rank=local_rank, source="torchrun")
+        assert distrib.select_device(env, "auto") == torch.device("cuda", expected)
+    assert chosen == [torch.device("cuda", i) for i in (0, 3, 1)]
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)  # srun --gpus-per-task=1: each task sees its own
+    assert distrib.select_device(distrib.DistEnv(rank=5, world_size=8, local_rank=5), "cuda") == torch.device("cuda", 0)
+
+
+def test_a_gpu_process_group_is_nccl_bound_to_its_device(monkeypatch) -> None:
+    calls: list[dict] = []
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(dist, "init_process_group", lambda **kw: calls.append(kw))
+    env = distrib.DistEnv(rank=1, world_size=2, local_rank=1, master_addr="10.0.0.1", master_port=23456,
+                          source="slurm (srun)")
+    distrib.init(env, torch.device("cuda", 1))
+    distrib.init(env, torch.device("cpu"))
+    single = distrib.DistEnv()
+    distrib.init(single, torch.device("cpu"))  # one process, no launcher: no group
+    assert [(c["backend"], c["device_id"], c["rank"], c["world_size"]) for c in calls] == [
+        ("nccl", torch.device("cuda", 1), 1, 2), ("gloo", None, 1, 2)]
+    assert calls[0]["init_method"] == "tcp://10.0.0.1:23456"
