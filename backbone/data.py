@@ -14,8 +14,12 @@ repeating its first samples, rank ``r`` taking every ``world``-th sample from ``
 counts epochs itself (``loader.next_epoch`` goes up by one per ``iter()``), so a resumed run calls
 ``set_epoch(loader, start_epoch)`` once to get the same order as a run that never stopped. With
 ``order="quasi_random"`` ffcv reshuffles its page table in place each epoch, so the order depends on
-the epochs the loader has already produced and a resumed run does not replay it. The random crops
-and flips come from numba's per-thread generators and are not seeded.
+the epochs the loader has already produced and a resumed run does not replay it.
+
+Augmentation: the random resized crop and the flip of sample ``i`` in epoch ``e`` are a function of
+``(seed, e, i)`` alone (``backbone/augment.py``; ffcv's own draw from numba's unseeded per-thread
+generators), whatever the number of threads, the batch size, the rank or where a resumed epoch starts:
+the same seed gives the same batches, and a resumed run replays the images of the run it continues.
 """
 
 from __future__ import annotations
@@ -28,14 +32,15 @@ from typing import Any
 import numpy as np
 import torch
 from ffcv.fields.basics import IntDecoder
-from ffcv.fields.rgb_image import CenterCropRGBImageDecoder, RandomResizedCropRGBImageDecoder
+from ffcv.fields.rgb_image import CenterCropRGBImageDecoder
 from ffcv.loader import Loader, OrderOption
 from ffcv.pipeline.allocation_query import AllocationQuery
 from ffcv.pipeline.operation import Operation
 from ffcv.pipeline.state import State
-from ffcv.transforms import NormalizeImage, RandomHorizontalFlip, Squeeze, ToDevice, ToTensor, ToTorchImage
+from ffcv.transforms import NormalizeImage, Squeeze, ToDevice, ToTensor, ToTorchImage
 from timm.data import DEFAULT_CROP_PCT, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
+from backbone.augment import SeededLoader, SeededRandomHorizontalFlip, SeededRandomResizedCropRGBImageDecoder
 from backbone.write_beton import read_meta
 
 # ffcv normalises uint8 pixels: timm's ImageNet mean and std in pixel units
@@ -93,9 +98,9 @@ def _gpu_normalize(dtype: torch.dtype) -> Operation:
     return NormalizeImage(IMAGENET_MEAN, IMAGENET_STD, np.dtype(str(dtype).removeprefix("torch.")))
 
 
-def image_pipeline(decoder: Operation, device: torch.device, *, flip: bool,
+def image_pipeline(decoder: Operation, device: torch.device, *, flip: Operation | None,
                    dtype: torch.dtype = torch.float16) -> list[Operation]:
-    """Decoder -> (flip) -> normalise -> NCHW channels_last tensor on ``device``.
+    """Decoder -> ``flip`` (if any) -> normalise -> NCHW channels_last tensor on ``device``.
 
     On CUDA this is ffcv-imagenet's order: uint8 crosses to the GPU (4x fewer bytes than float32)
     and is normalised there. On CPU, normalising after ``ToTensor`` makes the pipeline go compiled
@@ -103,7 +108,7 @@ def image_pipeline(decoder: Operation, device: torch.device, *, flip: bool,
     CPU pipeline normalises in numba first and needs no ``ToDevice`` copy. ``dtype`` is the CUDA
     batches' (float16 under mixed precision, float32 for an fp32 model); CPU batches are float32.
     """
-    ops: list[Operation] = [decoder] + ([RandomHorizontalFlip()] if flip else [])
+    ops: list[Operation] = [decoder] + ([flip] if flip is not None else [])
     if device.type == "cuda":
         return ops + [ToTensor(), ToDevice(device, non_blocking=True), ToTorchImage(), _gpu_normalize(dtype)]
     return ops + [NormalizeImage(IMAGENET_MEAN, IMAGENET_STD, np.float32), ToTensor(), ToTorchImage()]
@@ -153,7 +158,8 @@ def make_train_loader(
     batches_ahead: int = 3,
     dtype: torch.dtype = torch.float16,
 ) -> Loader:
-    """Training loader: random resized crop to ``resolution``, random flip, normalise.
+    """Training loader: random resized crop to ``resolution``, random flip, normalise; ``seed`` picks the
+    sample order and the augmentation.
 
     ``order``: ``"random"`` (default) or ``"quasi_random"`` (reads pages in a shuffled
     page-local order; for datasets larger than RAM with ``os_cache=False``; not available with
@@ -168,8 +174,9 @@ def make_train_loader(
             "order='quasi_random' is not supported by ffcv with distributed=True; use order='random'"
         )
     device = _check_common(beton, batch_size, num_workers, resolution, device, distributed)
-    decoder = RandomResizedCropRGBImageDecoder((resolution, resolution))
-    return Loader(
+    decoder = SeededRandomResizedCropRGBImageDecoder((resolution, resolution), seed=seed)
+    flip = SeededRandomHorizontalFlip(seed=seed)
+    return SeededLoader(
         str(beton),
         batch_size=batch_size,
         num_workers=num_workers,
@@ -179,7 +186,7 @@ def make_train_loader(
         distributed=distributed,
         seed=seed,
         batches_ahead=batches_ahead,
-        pipelines={"image": image_pipeline(decoder, device, flip=True, dtype=dtype), "label": label_pipeline(device)},
+        pipelines={"image": image_pipeline(decoder, device, flip=flip, dtype=dtype), "label": label_pipeline(device)},
     )
 
 
@@ -213,13 +220,13 @@ def make_val_loader(
         os_cache=os_cache,
         drop_last=False,
         distributed=distributed,
-        pipelines={"image": image_pipeline(decoder, device, flip=False, dtype=dtype), "label": label_pipeline(device)},
+        pipelines={"image": image_pipeline(decoder, device, flip=None, dtype=dtype), "label": label_pipeline(device)},
     )
 
 
-def _train_decoder(loader: Loader) -> RandomResizedCropRGBImageDecoder:
+def _train_decoder(loader: Loader) -> SeededRandomResizedCropRGBImageDecoder:
     decoder = loader.pipeline_specs["image"].decoder
-    if not isinstance(decoder, RandomResizedCropRGBImageDecoder):
+    if not isinstance(decoder, SeededRandomResizedCropRGBImageDecoder):
         raise TypeError(
             f"expected a loader from make_train_loader, whose decoder is a random resized crop, "
             f"got one decoding with {type(decoder).__name__}"
