@@ -24,6 +24,7 @@ the same seed gives the same batches, and a resumed run replays the images of th
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -96,6 +97,22 @@ def _gpu_normalize(dtype: torch.dtype) -> Operation:
     if not ffcv_gpu_normalize_available():
         return TorchNormalize(IMAGENET_MEAN, IMAGENET_STD, dtype)
     return NormalizeImage(IMAGENET_MEAN, IMAGENET_STD, np.dtype(str(dtype).removeprefix("torch.")))
+
+
+def max_loader_threads() -> int:
+    """The most decoding threads a loader may have here (numba's ``NUMBA_NUM_THREADS``, the CPUs by default)."""
+    import numba
+
+    return int(numba.config.NUMBA_NUM_THREADS)
+
+
+def default_loader_threads(processes_per_node: int = 1) -> int:
+    """Decoding threads for one loader: the CPUs this process may use, shared among the node's processes."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cpus = os.cpu_count() or 1
+    return max(1, min(cpus // max(1, processes_per_node), max_loader_threads()))
 
 
 def image_pipeline(decoder: Operation, device: torch.device, *, flip: Operation | None,
