@@ -14,12 +14,17 @@ repeating its first samples, rank ``r`` taking every ``world``-th sample from ``
 counts epochs itself (``loader.next_epoch`` goes up by one per ``iter()``), so a resumed run calls
 ``set_epoch(loader, start_epoch)`` once to get the same order as a run that never stopped. With
 ``order="quasi_random"`` ffcv reshuffles its page table in place each epoch, so the order depends on
-the epochs the loader has already produced and a resumed run does not replay it. The random crops
-and flips come from numba's per-thread generators and are not seeded.
+the epochs the loader has already produced and a resumed run does not replay it.
+
+Augmentation: the random resized crop and the flip of sample ``i`` in epoch ``e`` are a function of
+``(seed, e, i)`` alone (``backbone/augment.py``; ffcv's own draw from numba's unseeded per-thread
+generators), whatever the number of threads, the batch size, the rank or where a resumed epoch starts:
+the same seed gives the same batches, and a resumed run replays the images of the run it continues.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -28,16 +33,15 @@ from typing import Any
 import numpy as np
 import torch
 from ffcv.fields.basics import IntDecoder
-from ffcv.fields.rgb_image import CenterCropRGBImageDecoder, RandomResizedCropRGBImageDecoder
+from ffcv.fields.rgb_image import CenterCropRGBImageDecoder
 from ffcv.loader import Loader, OrderOption
-from ffcv.loader.epoch_iterator import EpochIterator
 from ffcv.pipeline.allocation_query import AllocationQuery
-from ffcv.pipeline.compiler import Compiler
 from ffcv.pipeline.operation import Operation
 from ffcv.pipeline.state import State
-from ffcv.transforms import NormalizeImage, RandomHorizontalFlip, Squeeze, ToDevice, ToTensor, ToTorchImage
+from ffcv.transforms import NormalizeImage, Squeeze, ToDevice, ToTensor, ToTorchImage
 from timm.data import DEFAULT_CROP_PCT, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
+from backbone.augment import SeededLoader, SeededRandomHorizontalFlip, SeededRandomResizedCropRGBImageDecoder
 from backbone.write_beton import read_meta
 
 # ffcv normalises uint8 pixels: timm's ImageNet mean and std in pixel units
@@ -79,39 +83,6 @@ class TorchNormalize(Operation):
         )
 
 
-class _DeviceEpochIterator(EpochIterator):
-    """ffcv's epoch thread, first made to work on the loader's GPU.
-
-    CUDA's current device is per thread and starts at GPU 0 in a new one. Where a process sees several GPUs (one
-    task per node given all of them, as ``--gpus-per-node`` without ``--gpus-per-task`` does), ffcv's thread of
-    every rank would open a CUDA context on GPU 0 (about 0.5 GB each) and put work there.
-    """
-
-    def run(self) -> None:
-        device = getattr(self.loader, "device", None)
-        if device is not None and device.type == "cuda":
-            torch.cuda.set_device(device)  # the only GPU-specific line: the rest is ffcv's own thread
-        super().run()
-
-
-class DeviceLoader(Loader):
-    """ffcv's Loader for one device: its epoch thread works on that device (:class:`_DeviceEpochIterator`)."""
-
-    def __init__(self, *args: Any, device: torch.device, **kwargs: Any) -> None:
-        self.device = torch.device(device)
-        super().__init__(*args, **kwargs)
-
-    def __iter__(self) -> EpochIterator:
-        # ffcv's Loader.__iter__ (1.0.2), with its thread class swapped: the thread starts in its constructor
-        Compiler.set_num_threads(self.num_workers)
-        order = self.next_traversal_order()
-        selected_order = order[:len(self) * self.batch_size]
-        self.next_epoch += 1
-        if self.code is None or self.recompile:
-            self.generate_code()
-        return _DeviceEpochIterator(self, selected_order)
-
-
 def ffcv_gpu_normalize_available() -> bool:
     """ffcv's GPU NormalizeImage imports cupy (its kernel) and pytorch_pfn_extras (its stream): both or neither."""
     try:
@@ -128,9 +99,25 @@ def _gpu_normalize(dtype: torch.dtype) -> Operation:
     return NormalizeImage(IMAGENET_MEAN, IMAGENET_STD, np.dtype(str(dtype).removeprefix("torch.")))
 
 
-def image_pipeline(decoder: Operation, device: torch.device, *, flip: bool,
+def max_loader_threads() -> int:
+    """The most decoding threads a loader may have here (numba's ``NUMBA_NUM_THREADS``, the CPUs by default)."""
+    import numba
+
+    return int(numba.config.NUMBA_NUM_THREADS)
+
+
+def default_loader_threads(processes_per_node: int = 1) -> int:
+    """Decoding threads for one loader: the CPUs this process may use, shared among the node's processes."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cpus = os.cpu_count() or 1
+    return max(1, min(cpus // max(1, processes_per_node), max_loader_threads()))
+
+
+def image_pipeline(decoder: Operation, device: torch.device, *, flip: Operation | None,
                    dtype: torch.dtype = torch.float16) -> list[Operation]:
-    """Decoder -> (flip) -> normalise -> NCHW channels_last tensor on ``device``.
+    """Decoder -> ``flip`` (if any) -> normalise -> NCHW channels_last tensor on ``device``.
 
     On CUDA this is ffcv-imagenet's order: uint8 crosses to the GPU (4x fewer bytes than float32)
     and is normalised there. On CPU, normalising after ``ToTensor`` makes the pipeline go compiled
@@ -138,7 +125,7 @@ def image_pipeline(decoder: Operation, device: torch.device, *, flip: bool,
     CPU pipeline normalises in numba first and needs no ``ToDevice`` copy. ``dtype`` is the CUDA
     batches' (float16 under mixed precision, float32 for an fp32 model); CPU batches are float32.
     """
-    ops: list[Operation] = [decoder] + ([RandomHorizontalFlip()] if flip else [])
+    ops: list[Operation] = [decoder] + ([flip] if flip is not None else [])
     if device.type == "cuda":
         return ops + [ToTensor(), ToDevice(device, non_blocking=True), ToTorchImage(), _gpu_normalize(dtype)]
     return ops + [NormalizeImage(IMAGENET_MEAN, IMAGENET_STD, np.float32), ToTensor(), ToTorchImage()]
@@ -188,7 +175,8 @@ def make_train_loader(
     batches_ahead: int = 3,
     dtype: torch.dtype = torch.float16,
 ) -> Loader:
-    """Training loader: random resized crop to ``resolution``, random flip, normalise.
+    """Training loader: random resized crop to ``resolution``, random flip, normalise; ``seed`` picks the
+    sample order and the augmentation.
 
     ``order``: ``"random"`` (default) or ``"quasi_random"`` (reads pages in a shuffled
     page-local order; for datasets larger than RAM with ``os_cache=False``; not available with
@@ -203,8 +191,9 @@ def make_train_loader(
             "order='quasi_random' is not supported by ffcv with distributed=True; use order='random'"
         )
     device = _check_common(beton, batch_size, num_workers, resolution, device, distributed)
-    decoder = RandomResizedCropRGBImageDecoder((resolution, resolution))
-    return DeviceLoader(
+    decoder = SeededRandomResizedCropRGBImageDecoder((resolution, resolution), seed=seed)
+    flip = SeededRandomHorizontalFlip(seed=seed)
+    return SeededLoader(
         str(beton),
         device=device,
         batch_size=batch_size,
@@ -215,7 +204,7 @@ def make_train_loader(
         distributed=distributed,
         seed=seed,
         batches_ahead=batches_ahead,
-        pipelines={"image": image_pipeline(decoder, device, flip=True, dtype=dtype), "label": label_pipeline(device)},
+        pipelines={"image": image_pipeline(decoder, device, flip=flip, dtype=dtype), "label": label_pipeline(device)},
     )
 
 
@@ -256,7 +245,7 @@ def make_val_loader(
             raise ValueError(f"{beton}: {n} images to evaluate, fewer than the {world} processes evaluating them: "
                              "evaluate on fewer processes")
         indices = val_shard(n, rank, world)
-    return DeviceLoader(
+    return SeededLoader(
         str(beton),
         device=device,
         batch_size=batch_size,
@@ -265,7 +254,7 @@ def make_val_loader(
         os_cache=os_cache,
         drop_last=False,
         indices=indices,
-        pipelines={"image": image_pipeline(decoder, device, flip=False, dtype=dtype), "label": label_pipeline(device)},
+        pipelines={"image": image_pipeline(decoder, device, flip=None, dtype=dtype), "label": label_pipeline(device)},
     )
 
 
@@ -275,9 +264,9 @@ def val_shard(num_samples: int, rank: int, world_size: int) -> np.ndarray:
     return np.arange(rank, num_samples, world_size, dtype=np.uint64)
 
 
-def _train_decoder(loader: Loader) -> RandomResizedCropRGBImageDecoder:
+def _train_decoder(loader: Loader) -> SeededRandomResizedCropRGBImageDecoder:
     decoder = loader.pipeline_specs["image"].decoder
-    if not isinstance(decoder, RandomResizedCropRGBImageDecoder):
+    if not isinstance(decoder, SeededRandomResizedCropRGBImageDecoder):
         raise TypeError(
             f"expected a loader from make_train_loader, whose decoder is a random resized crop, "
             f"got one decoding with {type(decoder).__name__}"

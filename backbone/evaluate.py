@@ -13,7 +13,6 @@ protocol and the code version, so a table can tell whether they belong to the fi
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
@@ -26,6 +25,7 @@ from timm.data import DEFAULT_CROP_PCT
 from torch import nn
 
 from engine import distributed as distrib
+from engine.files import WriteError, write_json
 from engine.loop import autocast
 from engine.provenance import code_version, file_sha256
 
@@ -98,7 +98,8 @@ def record_path(weights: str | Path, protocol: Protocol) -> Path:
 
 def write_record(weights: str | Path, data: str | Path, protocol: Protocol, scores: dict[str, Any],
                  out: str | Path | None = None) -> Path:
-    """The scores with what they are the scores of: weights and data by content hash, protocol, code version."""
+    """The scores with what they are the scores of: weights and data by content hash, protocol, code version.
+    Raises ``engine.files.WriteError`` when it cannot be written (the file is then as it was)."""
     from backbone.write_beton import meta_path
 
     out = Path(out) if out is not None else record_path(weights, protocol)
@@ -106,13 +107,12 @@ def write_record(weights: str | Path, data: str | Path, protocol: Protocol, scor
               "weights": {"path": str(Path(weights).resolve()), "sha256": file_sha256(weights)},
               "data": {"path": str(Path(data).resolve()), "meta_sha256": file_sha256(meta_path(data))},
               "code_version": code_version()}
-    out.write_text(json.dumps(record, indent=1) + "\n")
-    return out
+    return write_json(out, record)  # whole or not at all: a full disk raises WriteError, leaves no empty file
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     from backbone.artifacts import load_backbone
-    from backbone.data import make_val_loader
+    from backbone.data import default_loader_threads, make_val_loader, max_loader_threads
     from backbone.weights import WeightsMismatchError
     from engine.config import ConfigError
     from engine.logs import setup_logging
@@ -126,7 +126,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--crop-ratio", type=float, default=PAPER.crop_ratio, help="crop side / short side (0.875)")
     p.add_argument("--flip", action="store_true", help="average with the mirrored image (ffcv-imagenet's protocol)")
     p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--workers", type=int, default=4, help="ffcv decoding threads")
+    p.add_argument("--workers", type=int, default=None,
+                   help="ffcv decoding threads (default: the CPUs this process may use, shared among the "
+                        "node's processes)")
     p.add_argument("--out", type=Path, default=None,
                    help="JSON (default: eval_imagenet_<protocol>.json beside --weights)")
     p.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto")
@@ -134,24 +136,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     env = distrib.detect_env()
     setup_logging(env.rank)
     protocol = Protocol(args.resolution, args.crop_ratio, args.flip)
+    workers = default_loader_threads(env.local_world_size) if args.workers is None else args.workers
+    if not 1 <= workers <= max_loader_threads():
+        print(f"error: --workers {workers}: ffcv decodes with 1 to {max_loader_threads()} threads on this machine "
+              f"(numba's NUMBA_NUM_THREADS); pass --workers {max_loader_threads()} or fewer", file=sys.stderr)
+        return 2
     try:
         model, _ = load_backbone(args.weights)
         device = distrib.select_device(env, args.device)
         # under torchrun / srun each process scores its own share of the images (each image once), rank 0 writes
         distrib.init(env, device)
-        loader = make_val_loader(args.data, batch_size=args.batch_size, num_workers=args.workers,
+        loader = make_val_loader(args.data, batch_size=args.batch_size, num_workers=workers,
                                  resolution=protocol.resolution, ratio=protocol.crop_ratio, device=device,
                                  distributed=env.distributed)
         model = model.to(device, memory_format=torch.channels_last)
         scores = evaluate_classifier(model, loader, device, flip=protocol.flip,
                                      amp_dtype=torch.bfloat16 if device.type == "cuda" else None)
-    except (WeightsMismatchError, FileNotFoundError, ValueError, ConfigError) as e:
+        out = write_record(args.weights, args.data, protocol, scores, args.out) if env.is_main else None
+    except (WeightsMismatchError, FileNotFoundError, ValueError, ConfigError, WriteError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     finally:
         distrib.teardown()
     if env.is_main:
-        out = write_record(args.weights, args.data, protocol, scores, args.out)
         print(f"{args.weights} on {args.data} ({protocol.describe()}): top-1 error {100 * scores['top1_error']:.2f}%, "
               f"top-5 error {100 * scores['top5_error']:.2f}% over {scores['images']} images"
               + (f" ({env.world_size} processes)" if env.distributed else "") + f" -> {out}")

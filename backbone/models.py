@@ -17,7 +17,7 @@ res-5      Bottleneck 512 -> 2048, x3          GCN k=7, branch width 128 -> 2048
 from __future__ import annotations
 
 import difflib
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import timm
@@ -31,12 +31,18 @@ from engine.config import ConfigError
 
 from .antialias import AUTO, BlurConv2d, apply_blurpool, blurred_convs, check_anti_aliasing
 from .gcn_block import gcn_block
-from .weights import WeightsMismatchError, load_weights, mismatch_report, read_state_dict
+from .weights import WeightsMismatchError, load_weights, mismatch_report, model_name_of, read_state_dict
 
-__all__ = ["ResNetGCN", "resnet50_gcn", "GCN_STAGES", "check_model_name", "create_backbone"]
+__all__ = ["ResNetGCN", "resnet50_gcn", "GCN_STAGES", "TESTED_FAMILIES", "check_model_name", "check_input_sizes",
+           "create_backbone", "load_features_from"]
 
 # (kernel size, branch width) of res-4 and res-5, Table 11.
 GCN_STAGES = ((5, 85), (7, 128))
+
+
+# Families pretrained, fine-tuned from their final.pth and collected by the comparison in the tests
+# (tests/test_backbone_families.py); the README lists them.
+TESTED_FAMILIES = ("resnet", "convnext", "efficientnet", "regnet")
 
 
 def check_model_name(name: str, what: str = "model", key: str = "") -> None:
@@ -44,14 +50,36 @@ def check_model_name(name: str, what: str = "model", key: str = "") -> None:
     that set it, and the closest timm names."""
     if not timm.is_model(name):
         close = difflib.get_close_matches(name, timm.list_models(), n=5)
-        raise ConfigError(f"unknown {what} '{name}'{f' ({key})' if key else ''}. Any timm model works, e.g. "
-                          f"resnet50 or resnet50_gcn; close names: {', '.join(close) or 'none'}")
+        raise ConfigError(f"unknown {what} '{name}'{f' ({key})' if key else ''}. Give a timm model name (e.g. "
+                          f"resnet50 or resnet50_gcn); the fine-tune needs one with feature maps at strides 4 to 32, "
+                          f"and the families tested end to end are {', '.join(TESTED_FAMILIES)}. Close names: "
+                          f"{', '.join(close) or 'none'}")
+
+
+def check_input_sizes(name: str, sizes: Iterable[int], key: str, **kwargs) -> None:
+    """Refuse, as a ConfigError naming ``key`` and the reason, a model that cannot classify square images of
+    every size in ``sizes`` (built as :func:`create_backbone` builds it, on the meta device: no memory, no
+    compute). A ViT with a fixed input size passes: :func:`create_backbone` makes its size dynamic."""
+    check_model_name(name, "model", key)
+    with torch.device("meta"):
+        model = create_backbone(name, **kwargs).eval()
+        for size in sorted(set(sizes)):
+            try:
+                model(torch.empty(2, 3, size, size))
+            except Exception as e:  # noqa: BLE001 - shape asserts, too-small maps: whatever the model says
+                raise ConfigError(f"{key}={name} cannot take {size} x {size} px images, which this run feeds it "
+                                  f"({type(e).__name__}: {e}); pick another model or other resolutions") from None
 
 
 def create_backbone(name: str, *, anti_aliasing: str | None = None, **kwargs) -> nn.Module:
     """``timm.create_model(name, **kwargs)``, anti-aliased as asked (``backbone.antialias``): how every
-    backbone of this project is built, ResNet50 and ResNet50-GCN alike (``features_only`` models too)."""
+    backbone of this project is built, ResNet50 and ResNet50-GCN alike (``features_only`` models too).
+
+    Models built for one input size that timm can make size-agnostic (ViTs: ``dynamic_img_size``) are built
+    so, unless ``dynamic_img_size`` is given: pretraining feeds them the ramp's resolutions."""
     check_anti_aliasing(anti_aliasing)
+    if "dynamic_img_size" not in kwargs and _has_fixed_size(name, kwargs):
+        kwargs["dynamic_img_size"] = True
     model = timm.create_model(name, **kwargs)
     if isinstance(model, ResNetGCN):
         model.anti_aliasing_request = anti_aliasing  # explicit: weights of another construction are refused
@@ -60,6 +88,60 @@ def create_backbone(name: str, *, anti_aliasing: str | None = None, **kwargs) ->
     else:
         model.anti_aliasing = None
     return model
+
+
+def _has_fixed_size(name: str, kwargs: dict) -> bool:
+    """Whether timm builds ``name`` with a ``dynamic_img_size`` switch that is off (a probe on the meta device)."""
+    if name in _FIXED_SIZE:
+        return _FIXED_SIZE[name]
+    builds_only = ("pretrained", "pretrained_cfg_overlay", "checkpoint_path", "features_only", "out_indices",
+                   "feature_cls")  # the classifier itself is probed: its answer holds for any wrapper of it
+    probe = {k: v for k, v in kwargs.items() if k not in builds_only}
+    with torch.device("meta"):
+        _FIXED_SIZE[name] = getattr(timm.create_model(name, **probe), "dynamic_img_size", None) is False
+    return _FIXED_SIZE[name]
+
+
+_FIXED_SIZE: dict[str, bool] = {}
+
+
+def load_features_from(features: nn.Module, model: nn.Module, source: str) -> None:
+    """Load the weights of ``model`` (a classifier, e.g. rebuilt from a ``final.pth``) into ``features``, timm's
+    ``features_only`` wrapper of the same architecture, blurring the convs ``model`` has blurred.
+
+    timm's wrappers flatten the module names of most families (ConvNeXt's ``stages.0`` is ``stages_0`` in
+    ``FeatureListNet``; ``FeatureGetterNet`` prefixes ``model.``; ResNet's and EfficientNet's keep them), so
+    every name of ``features`` is matched to the one name of ``model`` it can be (same tensor shape); a name
+    that matches none or several is a WeightsMismatchError naming ``source``."""
+    state = model.state_dict()
+    blurred = set(blurred_convs(state))
+    convs = [n for n, m in features.named_modules() if type(m) is nn.Conv2d]
+    to_blur = [n for n in convs if set(_unflattened(n)) & blurred]
+    if to_blur:
+        apply_blurpool(features, only=to_blur)
+    mapped, unplaced = {}, []
+    for key, value in features.state_dict().items():
+        hits = [k for k in _unflattened(key) if k in state and state[k].shape == value.shape]
+        if len(hits) == 1:
+            mapped[key] = state[hits[0]]
+        else:
+            unplaced.append(key)
+    if unplaced:
+        raise WeightsMismatchError(
+            f"{source}: the weights of '{model_name_of(model) or type(model).__name__}' do not fit timm's "
+            f"features_only wrapper of it; no single trained tensor for {unplaced[:5]}"
+            f"{f' and {len(unplaced) - 5} more' if len(unplaced) > 5 else ''}")
+    features.load_state_dict(mapped)
+    features.anti_aliasing = "blurpool" if blurred else None
+
+
+def _unflattened(name: str) -> list[str]:
+    """The names a module or tensor of a timm feature wrapper can have in the model it wraps: its own, without
+    ``model.``, and with one ``_`` of its first component read as the ``.`` timm flattened."""
+    names = [name, name.removeprefix("model.")] if name.startswith("model.") else [name]
+    head, dot, rest = name.partition(".")
+    names += [f"{head[:i]}.{head[i + 1:]}{dot}{rest}" for i, c in enumerate(head) if c == "_"]
+    return names
 
 
 class ResNetGCN(ResNet):

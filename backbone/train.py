@@ -31,7 +31,7 @@ from torch import nn
 
 from backbone.artifacts import FinalWeights, PretrainCheckpoint
 from backbone.evaluate import PAPER, evaluate_classifier, write_record
-from backbone.models import check_model_name, create_backbone
+from backbone.models import check_input_sizes, create_backbone
 from backbone.weights import WeightsMismatchError
 from engine import checkpoint as ckpt
 from engine import distributed as distrib
@@ -239,7 +239,10 @@ def check_inputs(cfg: PretrainConfig) -> PretrainInputs:
     """Validate inputs and the run directory; raise ConfigError/CheckpointError with a fix."""
     from backbone.write_beton import check_beton, meta_path, read_meta
 
-    check_model_name(cfg.model.name, "model", "model.name")
+    # every size the run feeds the model: the resolution ramp, the validation's and Table 6's protocol's
+    sizes = {resolution_at(cfg.resolution, e) for e in range(cfg.train.epochs)} | {cfg.resolution.val_res,
+                                                                                  PAPER.resolution}
+    check_input_sizes(cfg.model.name, sizes, "model.name", **model_kwargs(cfg.model))
     metas = {}
     for key in ("train", "val"):
         path = getattr(cfg.data, key)

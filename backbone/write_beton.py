@@ -24,11 +24,12 @@ import multiprocessing
 import os
 import shutil
 import signal
+import stat
 import sys
 import threading
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from multiprocessing.connection import Connection
@@ -225,6 +226,17 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def _not_a_regular_file(path: Path) -> str:
+    """What ``path`` is when it is no regular file (links followed): "a named pipe (FIFO)", ...; "" otherwise."""
+    try:
+        mode = path.stat().st_mode
+    except OSError:
+        return ""  # gone or a broken link: the probe's open says so
+    kinds = ((stat.S_ISREG, ""), (stat.S_ISFIFO, "a named pipe (FIFO)"), (stat.S_ISSOCK, "a socket"),
+             (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"), (stat.S_ISDIR, "a folder"))
+    return next((kind for test, kind in kinds if test(mode)), "no regular file")
+
+
 def probe_image(path: Path) -> tuple[int, int]:
     """(width, height) of a readable image; raises if it cannot be decoded in full.
 
@@ -243,6 +255,9 @@ def _probe_all(scan: FolderScan, settings: WriterSettings, num_workers: int, ski
     and the raw size of all samples, in bytes, after resizing."""
 
     def probe(path: Path) -> tuple[int, int] | str:
+        kind = _not_a_regular_file(path)
+        if kind:  # opening a named pipe would block for ever; a device could be endless
+            return f"it is {kind}, not a regular file"
         try:
             return probe_image(path)
         except Exception as e:  # PIL raises many types (OSError, SyntaxError, ValueError, ...)
@@ -312,8 +327,19 @@ def page_size_for(max_sample_bytes: int) -> int:
     return size
 
 
+def rgb8(im: Image.Image) -> np.ndarray:
+    """``im`` as contiguous RGB uint8 (H, W, 3). 16-bit grey images (PNG, TIFF) are scaled to 8 bits,
+    ``round(v / 257)``: PIL's ``convert("RGB")`` clips them at 255, which turns most pixels white. (PIL
+    already reduces 16-bit colour PNGs to 8 bits per channel.)"""
+    if im.mode.startswith("I;16") or (im.mode == "I" and im.format == "PNG"):  # "I": 16-bit PNGs of older PILs
+        wide = np.asarray(im).astype(np.int64)
+        grey = ((wide.clip(0, 65535) * 255 + 32767) // 65535).astype(np.uint8)
+        return np.ascontiguousarray(np.repeat(grey[..., None], 3, axis=2))
+    return np.ascontiguousarray(im.convert("RGB"))
+
+
 class ImageFolderRGB:
-    """Indexable (image, label) source for ``DatasetWriter``: every image converted to RGB uint8.
+    """Indexable (image, label) source for ``DatasetWriter``: every image converted to RGB uint8 (:func:`rgb8`).
 
     ``convert('RGB')`` handles grayscale, CMYK and palette files, and PIL picks the decoder from
     the content, so a PNG saved as ``.JPEG`` is read correctly.
@@ -333,7 +359,7 @@ class ImageFolderRGB:
         np.random.seed((self.seed * 1_000_003 + index) % 2**32)
         try:
             with Image.open(path) as im:
-                return np.ascontiguousarray(im.convert("RGB")), label
+                return rgb8(im), label
         except Exception as e:
             raise WriterError(f"cannot read image {path}: {type(e).__name__}: {e}") from e
 
@@ -375,6 +401,7 @@ def _writer_process(scan_samples: list[tuple[Path, int]], tmp_beton: Path, setti
     start = multiprocessing.process.BaseProcess.start
 
     def start_and_watch(process: multiprocessing.process.BaseProcess) -> None:
+        process.run = _reporting(process.run, report)  # its error as one line, not a traceback
         start(process)
         workers.append(process)
 
@@ -401,12 +428,26 @@ def _writer_process(scan_samples: list[tuple[Path, int]], tmp_beton: Path, setti
 
     writer.prepare = prepare_and_report
     threading.Thread(target=_watch_workers, args=(report, workers, parent, shared), daemon=True).start()
-    try:
-        writer.from_indexed_dataset(ImageFolderRGB(scan_samples, settings.seed), chunksize=chunk_size)
-    except OSError as e:
-        report.send(("error", f"{type(e).__name__}: {e}", e.errno))
-        raise
+    _reporting(lambda: writer.from_indexed_dataset(ImageFolderRGB(scan_samples, settings.seed),
+                                                   chunksize=chunk_size), report)()
     report.send(("done",))
+
+
+def _reporting(body: Callable[[], object], report: Connection) -> Callable[[], None]:
+    """``body`` for the writer process or one of its workers: an error is sent to the command (which ends the
+    write with the cause, e.g. the space a full disk lacked), said in one line unless it is a full disk (the
+    command's message says all), and ends the process with exit code 1, without multiprocessing's traceback."""
+    def run() -> None:
+        try:
+            body()
+        except Exception as e:  # noqa: BLE001 - whatever it is, the command reports it and stops the write
+            code = getattr(e, "errno", None)
+            report.send(("error", f"{type(e).__name__}: {e}", code))
+            if code not in (errno.ENOSPC, errno.EDQUOT):
+                print(f"{multiprocessing.current_process().name}: {type(e).__name__}: {e}", file=sys.stderr,
+                      flush=True)
+            sys.exit(1)
+    return run
 
 
 def _stop_group(proc: multiprocessing.process.BaseProcess) -> None:
@@ -478,10 +519,13 @@ def _failure_message(messages: list[tuple], exitcode: int | None, tmp_beton: Pat
                 "disk (--out), or store fewer raw images (--compress-probability, --max-resolution); nothing was "
                 "written to --out")
     worker = next((m[1] for m in messages if m[0] == "worker"), None)
-    cause = f"a writer worker failed ({worker})" if worker else "the writer failed (" + next(
-        (m[1] for m in messages if m[0] == "error"), f"exit code {exitcode}") + ")"
-    return (f"{cause}; its error is printed above. Nothing was written to --out; fix the cause (a file changed "
-            "since the check? --skip-bad leaves out unreadable ones) and run again")
+    error = next((m[1] for m in messages if m[0] == "error"), None)
+    if worker:
+        cause = f"a writer worker failed ({error or worker})"
+    else:
+        cause = f"the writer failed ({error or f'exit code {exitcode}'})"
+    return (f"{cause}. Nothing was written to --out; fix the cause (a file changed since the check? --skip-bad "
+            "leaves out unreadable ones) and run again")
 
 
 def _human(n: float) -> str:

@@ -75,11 +75,12 @@ def table_chart(result: dict[str, Any], path: Path) -> Path:
     xh = np.arange(len(heads))
     for i, b in enumerate(bs):
         off = ((2 * i - len(bs)) * width + width / 2) if with_paper else (i - (len(bs) - 1) / 2) * width
+        alpha = 1 - 0.7 * i / max(1, len(bs) - 1)  # 1 down to 0.3, however many backbones
         _bars(ax2, xh + off, [result["segmentation"].get(f"{b}+{h}") for h in heads], "miou", width, color=OURS,
-              alpha=1 - 0.35 * i, label=f"{DISPLAY.get(b, b)} (ours)")
+              alpha=alpha, label=f"{DISPLAY.get(b, b)} (ours)")
         if with_paper:
             ref = [paper.get(f"miou_{h}", {}).get(b) for h in heads]
-            _label(ax2.bar(xh + off + width, [v or 0 for v in ref], width, color=PAPER, alpha=1 - 0.35 * i,
+            _label(ax2.bar(xh + off + width, [v or 0 for v in ref], width, color=PAPER, alpha=alpha,
                            hatch="//" if i else None, label=f"{DISPLAY.get(b, b)} (paper)"), ref, ax2)
     if result.get("chance_miou") is not None:
         ax2.axhline(result["chance_miou"], color="grey", ls="--", lw=0.8, label="chance (all background)")

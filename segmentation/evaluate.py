@@ -22,7 +22,6 @@ Runs in one process, or sharded over the processes of ``torchrun``/``srun`` like
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import math
 import sys
@@ -39,9 +38,11 @@ from torch import nn
 
 from backbone.weights import WeightsMismatchError
 from engine import distributed as distrib
+from engine.files import WriteError, json_writer, npz_writer, png_writer, write_file, write_files
 from engine.logs import Progress, setup_logging
 from engine.loop import autocast
 from engine.provenance import code_version, file_sha256
+from engine.runner import short_error
 from segmentation.artifacts import load_model
 from segmentation.crf import (
     CRF_INSTALL,
@@ -160,11 +161,11 @@ def predict(model: nn.Module, x: torch.Tensor, scales: Sequence[float] = (1.0,),
 
 
 def save_prediction(path: Path, pred: np.ndarray, palette: np.ndarray) -> None:
-    """Palette PNG: pixel values are the classes, the palette their colours."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Palette PNG: pixel values are the classes, the palette their colours. Written whole or not at all
+    (``engine.files``: a full disk raises WriteError and leaves no partial PNG)."""
     im = Image.fromarray(pred.astype(np.uint8))
     im.putpalette(palette.reshape(-1).tolist())
-    im.save(path)
+    write_file(path, png_writer(im))
 
 
 class _EvalImages(torch.utils.data.Dataset):
@@ -482,9 +483,7 @@ def _write_crf_search(args: argparse.Namespace, result: dict[str, Any], settings
                                              "bi_xy_std": sorted({p.bi_xy_std for p in grid}),
                                              "bi_rgb_std": sorted({p.bi_rgb_std for p in grid})},
               "code_version": code_version(), **result}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(record, indent=1))
-    return out
+    return write_file(out, json_writer(record))
 
 
 def parse_scales(text: str) -> tuple[float, ...]:
@@ -590,32 +589,36 @@ def main(argv: Sequence[str] | None = None) -> int:
                                       max_images=args.max_images, save_png=args.save_png,
                                       palette=palette_for(dataset_name), env=env, num_workers=args.workers,
                                       crf=crf, crf_workers=args.crf_workers)
-    except DatasetError as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (DatasetError, WriteError) as e:  # a data set error raised in a loader worker: its own message
+        print(f"error: {short_error(e)}", file=sys.stderr)
         return 2
     finally:
         distrib.teardown()
-    if env.is_main and args.crf_search:
-        settings = EvalSettings(split, tuple(scales), args.flip, window, overlap, search["images"], args.boundary_width)
-        out = _write_crf_search(args, search, settings, dataset_name, grid)
-        print(format_crf_search(search))
-        print(f"{dataset_name}/{split}: CRF search over {len(grid)} settings on {search['images']} images -> {out}")
-        return 0
-    if env.is_main:
-        settings = EvalSettings(split, tuple(scales), args.flip, window, overlap, args.max_images, args.boundary_width,
-                                crf)
-        out = args.out or score_path(args.checkpoint, settings)
-        per_image = scores.pop("per_image")
-        record = {"checkpoint": str(args.checkpoint), "weights_sha256": file_sha256(args.checkpoint),
-                  "dataset": dataset_name, **settings.to_json(), "classes": list(classes),
-                  "code_version": code_version(), **scores}
-        out.parent.mkdir(parents=True, exist_ok=True)
-        np.savez_compressed(out.with_suffix(".per_image.npz"), **per_image)
-        out.write_text(json.dumps(record, indent=1))
-        print(format_table(scores, classes))
-        print(f"{dataset_name}/{split}: mIoU {100 * scores['miou']:.2f}% over {scores['images']} images -> {out}")
-        if args.save_png is not None:
-            print(f"prediction PNGs: {args.save_png}")
+    try:
+        if env.is_main and args.crf_search:
+            settings = EvalSettings(split, tuple(scales), args.flip, window, overlap, search["images"],
+                                    args.boundary_width)
+            out = _write_crf_search(args, search, settings, dataset_name, grid)
+            print(format_crf_search(search))
+            print(f"{dataset_name}/{split}: CRF search over {len(grid)} settings on {search['images']} images -> {out}")
+            return 0
+        if env.is_main:
+            settings = EvalSettings(split, tuple(scales), args.flip, window, overlap, args.max_images,
+                                    args.boundary_width, crf)
+            out = args.out or score_path(args.checkpoint, settings)
+            per_image = scores.pop("per_image")
+            record = {"checkpoint": str(args.checkpoint), "weights_sha256": file_sha256(args.checkpoint),
+                      "dataset": dataset_name, **settings.to_json(), "classes": list(classes),
+                      "code_version": code_version(), **scores}
+            # the counts and the JSON citing them: renamed into place only once both are written
+            write_files({out.with_suffix(".per_image.npz"): npz_writer(per_image), out: json_writer(record)})
+            print(format_table(scores, classes))
+            print(f"{dataset_name}/{split}: mIoU {100 * scores['miou']:.2f}% over {scores['images']} images -> {out}")
+            if args.save_png is not None:
+                print(f"prediction PNGs: {args.save_png}")
+    except WriteError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -39,7 +39,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from backbone.antialias import AUTO, blurred_convs
-from backbone.models import check_model_name
 from backbone.weights import WeightsMismatchError, load_weights, read_state_dict
 from engine import checkpoint as ckpt
 from engine import distributed as distrib
@@ -64,7 +63,7 @@ from segmentation.datasets import (
 )
 from segmentation.evaluate import evaluate_dataset
 from segmentation.heads import HEADS, make_score_head
-from segmentation.network import build_segmentation_model
+from segmentation.network import build_segmentation_model, check_backbone
 from segmentation.transforms import train_transform
 
 log = logging.getLogger("segmentation.finetune")
@@ -288,7 +287,7 @@ class FinetuneInputs:
 
 def check_inputs(cfg: FinetuneConfig) -> FinetuneInputs:
     """Validate data, weights and the run directory; raise with the problem and the fix."""
-    check_model_name(cfg.model.backbone, "backbone", "model.backbone / --backbone")
+    check_backbone(cfg.model.backbone, "model.backbone / --backbone")
     try:
         with torch.device("meta"):  # a bad k fails here, before the run directory exists
             make_score_head(cfg.model.head, 1, 1, cfg.model.kernel_size)

@@ -30,12 +30,13 @@ from torch import nn
 
 from backbone.antialias import AUTO, anti_aliasing_of
 from backbone.artifacts import load_backbone
-from backbone.models import check_model_name, create_backbone
+from backbone.models import check_model_name, create_backbone, load_features_from
+from engine.config import ConfigError
 from segmentation.transforms import MEAN, STD
 
 from .heads import HEADS, BoundaryRefinement, bilinear_deconv, make_score_head
 
-__all__ = ["GCNSegmentationNet", "build_segmentation_model", "stage_indices", "TIMM_PREFIX"]
+__all__ = ["GCNSegmentationNet", "build_segmentation_model", "check_backbone", "stage_indices", "TIMM_PREFIX"]
 
 _log = logging.getLogger(__name__)
 
@@ -121,11 +122,23 @@ def stage_indices(backbone: str, reductions: Sequence[int] = STAGE_REDUCTIONS, *
         at = [idx for idx, red in zip(indices, have, strict=True) if red == r]
         if not at:
             raise ValueError(
-                f"backbone {backbone!r} gives feature maps at strides {have}; the GCN network needs strides "
-                f"{tuple(reductions)} (res-2..res-5). Pick a CNN backbone with a stride-4..32 pyramid."
+                f"backbone {backbone!r} gives feature maps at strides {tuple(have)}; the GCN network needs strides "
+                f"{tuple(reductions)} (res-2..res-5). Pick a backbone with that pyramid (ResNet, ConvNeXt, "
+                "EfficientNet, RegNet...; a plain ViT has stride 16 only)"
             )
         picked.append(at[-1])
     return tuple(picked)
+
+
+def check_backbone(name: str, key: str = "", what: str = "backbone", **kwargs) -> None:
+    """Refuse up front, as a ConfigError naming ``key`` and the reason, a backbone this network cannot use: one
+    timm does not know, or one without feature maps at strides 4, 8, 16 and 32 (a plain ViT has stride 16
+    only). Builds nothing but a meta-device probe."""
+    check_model_name(name, what, key)
+    try:
+        stage_indices(name, **kwargs)
+    except ValueError as e:
+        raise ConfigError(f"{key + ': ' if key else ''}{e}") from None
 
 
 def _timm_weights_name(backbone: str, spec: str) -> str:
@@ -178,7 +191,14 @@ def _create_encoder(
                 f"Fix: run once where huggingface.co is reachable (the weights are then cached in "
                 f"~/.cache/huggingface), or pass a local checkpoint file as pretrained."
             ) from e
-    encoder, meta = load_backbone(pretrained, name=backbone, anti_aliasing=anti_aliasing, **features)
+    # The classifier the file was trained as, with its weights (load_backbone checks the architecture, the
+    # anti-aliasing and the constructor arguments), then its weights moved into timm's feature wrapper of the
+    # same network, whose module names timm flattens for most families (as timm's own
+    # pretrained_cfg_overlay=dict(file=...) route loads the full model before wrapping it).
+    model, meta = load_backbone(pretrained, name=backbone, anti_aliasing=anti_aliasing, **backbone_kwargs)
+    trained = {k: v for k, v in (meta.get("model_kwargs") or {}).items() if k != "anti_aliasing"}
+    encoder = create_backbone(backbone, anti_aliasing=None, **{**trained, **features})
+    load_features_from(encoder, model, str(pretrained))
     _log.info("backbone %s: loaded weights from %s", backbone, pretrained)
     return encoder, meta
 
@@ -214,7 +234,7 @@ def build_segmentation_model(
     Raises ValueError for an unknown backbone/head or a bad k, FileNotFoundError for a missing
     checkpoint, ``backbone.weights.WeightsMismatchError`` for a checkpoint of another architecture.
     """
-    check_model_name(backbone, "backbone")
+    check_backbone(backbone, **backbone_kwargs)
     if head not in HEADS:
         raise ValueError(f"unknown head {head!r}; choose one of {', '.join(HEADS)}")
     if br is None:

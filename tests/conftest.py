@@ -33,9 +33,9 @@ PRETRAIN_COLOURS = [(220, 40, 40), (40, 200, 60), (50, 70, 230), (230, 200, 40)]
 def write_flat_colour_folder(root: Path, per_class: int, seed: int) -> None:
     """ImageNet-style tree of single-colour JPEGs (one colour per class, jittered per image).
 
-    Single-colour images look the same after any crop, resize or flip, so the (unseeded, numba)
-    random augmentation of the ffcv loader cannot change a batch: two runs see identical data,
-    which the resume test needs to compare weights exactly.
+    Single-colour images look the same after any crop, resize or flip: the loader's augmentation
+    cannot change a batch here, so these runs cannot show whether it is reproducible; the textured
+    fixture (:func:`textured_betons`) does.
     """
     rng = np.random.default_rng(seed)
     for label, colour in enumerate(PRETRAIN_COLOURS):
@@ -55,6 +55,24 @@ def pretrain_betons(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]
     out = {}
     for split, per_class, seed in (("train", 32, 0), ("val", 8, 1)):
         write_flat_colour_folder(base / split, per_class, seed)
+        out[split] = base / f"{split}.beton"
+        run_watched([PYTHON, "-m", "backbone.write_beton", "--data-dir", str(base / split), "--out",
+                     str(out[split]), "--num-workers", "1", "--max-resolution", "80"], check=True)
+    return out
+
+
+@pytest.fixture(scope="session")
+def textured_betons(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """train.beton (4 classes x 32 images) and val.beton (4 x 8) of striped, noisy images of 40-80 px
+    (tests/imagenet_fixture.py; ``train_dir``: the training images): a different crop or flip gives a
+    different batch, so a run's weights depend on the augmentation (the flat-colour fixture hides it)."""
+    from imagenet_fixture import make_imagefolder
+
+    base = tmp_path_factory.mktemp("textured_data")
+    out = {"train_dir": base / "train"}
+    for split, per_class, seed in (("train", 32, 0), ("val", 8, 1)):
+        make_imagefolder(base / split, classes=4, per_class=per_class, size_range=(40, 80), seed=seed,
+                         oddities=False)
         out[split] = base / f"{split}.beton"
         run_watched([PYTHON, "-m", "backbone.write_beton", "--data-dir", str(base / split), "--out",
                      str(out[split]), "--num-workers", "1", "--max-resolution", "80"], check=True)

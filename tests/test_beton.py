@@ -22,13 +22,13 @@ import numpy as np
 import pytest
 import torch
 from conftest import Hung, Watched, run_watched
-from ffcv.fields.rgb_image import RandomResizedCropRGBImageDecoder
 from ffcv.reader import Reader
-from ffcv.transforms import NormalizeImage, RandomHorizontalFlip, ToDevice, ToTensor, ToTorchImage
+from ffcv.transforms import NormalizeImage, ToDevice, ToTensor, ToTorchImage
 from imagenet_fixture import REPO_ROOT, load_rgb, make_imagefolder
 from torch.utils.data import DistributedSampler
 
 from backbone import write_beton as wb
+from backbone.augment import SeededRandomHorizontalFlip, SeededRandomResizedCropRGBImageDecoder
 from backbone.data import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -509,10 +509,11 @@ def _types(ops) -> list[type]:
 
 def test_cpu_pipeline_normalises_before_to_tensor():
     """ffcv-imagenet's order hangs on CPU (compiled -> plain -> compiled stages); ours must not use it."""
-    ops = image_pipeline(RandomResizedCropRGBImageDecoder((32, 32)), CPU, flip=True)
+    ops = image_pipeline(SeededRandomResizedCropRGBImageDecoder((32, 32), seed=0), CPU,
+                         flip=SeededRandomHorizontalFlip(seed=0))
     assert _types(ops) == [
-        RandomResizedCropRGBImageDecoder,
-        RandomHorizontalFlip,
+        SeededRandomResizedCropRGBImageDecoder,
+        SeededRandomHorizontalFlip,
         NormalizeImage,
         ToTensor,
         ToTorchImage,
@@ -523,10 +524,11 @@ def test_cpu_pipeline_normalises_before_to_tensor():
 
 def test_gpu_pipeline_is_ffcv_imagenets_order():
     cuda = torch.device("cuda", 0)
-    ops = image_pipeline(RandomResizedCropRGBImageDecoder((32, 32)), cuda, flip=True)
+    ops = image_pipeline(SeededRandomResizedCropRGBImageDecoder((32, 32), seed=0), cuda,
+                         flip=SeededRandomHorizontalFlip(seed=0))
     assert _types(ops)[:5] == [
-        RandomResizedCropRGBImageDecoder,
-        RandomHorizontalFlip,
+        SeededRandomResizedCropRGBImageDecoder,
+        SeededRandomHorizontalFlip,
         ToTensor,
         ToDevice,
         ToTorchImage,

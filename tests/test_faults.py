@@ -468,6 +468,8 @@ def test_full_disk_while_writing_ends_the_writer_with_the_space_it_needed(writer
     res = writer_lab["results"]
     full = res["disk_full"]
     assert full["rc"] == 2, _show(full)
+    # the command's message alone: neither the writer process nor its workers print a traceback before it
+    assert "Traceback" not in full["log"] and full["log"].count("error:") == 1, _show(full)
     assert f"the disk holding {writer_lab['disk']} is full" in full["log"], _show(full)
     assert "it needs between 8.0 MiB and" in full["log"] and "nothing was written to --out" in full["log"], _show(full)
     assert full["files"] == [] and all(code == -signal.SIGKILL for _, code in full["left_behind"]), _show(full)
@@ -788,6 +790,8 @@ def test_full_disk_while_checkpointing_stops_with_the_sizes_and_resumes(finetune
     res, disk = finetune_lab["results"], finetune_lab["disk"]
     full = res["disk_full"]
     assert full["rc"] == 2, _show(full)
+    # the command's message alone: neither the writer process nor its workers print a traceback before it
+    assert "Traceback" not in full["log"] and full["log"].count("error:") == 1, _show(full)
     assert f"error: disk full while writing {disk}/run/checkpoint_000000006.pt: it needs about 41 MiB and " \
            f"{disk}/run has" in full["log"], _show(full)
     assert "the previous checkpoint is intact" in full["log"] and "Traceback" not in full["log"], _show(full)

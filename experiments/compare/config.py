@@ -140,14 +140,14 @@ class CompareConfig:
 
     def _check_matrix(self) -> None:
         # imported here: the model registry and the heads pull in timm and torch, the schema does not need them
-        from backbone.models import check_model_name
         from segmentation.heads import HEADS
+        from segmentation.network import check_backbone
 
         if not self.backbones or not self.heads:
             raise ConfigError("backbones and heads must each name at least one entry")
         for b in self.backbones:
             try:
-                check_model_name(b)
+                check_backbone(b, what="model")  # known to timm, with the feature pyramid the fine-tune needs
             except ValueError as e:
                 raise ConfigError(f"backbones: {e}") from e
         bad = [h for h in self.heads if h not in HEADS]
