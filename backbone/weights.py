@@ -1,6 +1,7 @@
 """Reading this project's checkpoints and loading them into a model with errors a person can act on.
 
-Formats read (all through ``torch.load(weights_only=True)``):
+Formats read (all through ``torch.load(weights_only=True)``; a file this project wrote is checked against the
+content digest it carries, ``engine.checkpoint.seal``):
 
 * ``final.pth`` written by pretraining: ``{'state_dict', 'model_name', 'pretrained_cfg', 'num_classes',
   'format': 'lkm-weights-v1'}``;
@@ -21,6 +22,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from engine.checkpoint import CONTENT_KEY, DamagedCheckpointError, verify_content
+
 __all__ = [
     "WeightsMismatchError",
     "read_state_dict",
@@ -30,7 +33,7 @@ __all__ = [
 ]
 
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
-_STATE_KEYS = ("model", "model_ema", "state_dict", "state_dict_ema", "optimizer", "scaler", "rng")
+_STATE_KEYS = ("model", "model_ema", "state_dict", "state_dict_ema", "optimizer", "scaler", "rng", CONTENT_KEY)
 _SHOW = 8  # keys listed per kind of mismatch; the rest are counted
 
 
@@ -72,6 +75,10 @@ def read_state_dict(path: str | Path, *, use_ema: bool = True) -> tuple[dict[str
                                    f"truncated ({type(e).__name__}: {e})") from e
     if not isinstance(ckpt, Mapping):
         raise WeightsMismatchError(f"checkpoint {path} holds a {type(ckpt).__name__}, not a state dict")
+    try:
+        verify_content(ckpt, path)  # files this project wrote carry their content's digest
+    except DamagedCheckpointError as e:
+        raise WeightsMismatchError(str(e)) from None
     meta: dict = {}
     keys = ("model_ema", "state_dict_ema", "state_dict", "model") if use_ema else ("state_dict", "model")
     for key in keys:

@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from engine.checkpoint import CheckpointError
-from engine.config import ConfigError, describe_keys, load_config
+from engine.config import ConfigError, OverridesParser, describe_keys, load_config
+from engine.lock import FolderLock
 from engine.logs import setup_logging
 
 from .collect import collect
@@ -33,7 +34,7 @@ def _description() -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = OverridesParser(
         prog="python -m experiments.compare", formatter_class=argparse.RawDescriptionHelpFormatter,
         description=_description(), epilog="config keys (section.key=default):\n" + describe_keys(CompareConfig))
     p.add_argument("--config", type=Path, default=None, help="YAML config (configs/table6.yaml, configs/demo.yaml)")
@@ -81,11 +82,15 @@ def handle_stale(runs: Sequence[Run], move: bool) -> dict[Path, str]:
     return left
 
 
-def launch_sbatch(cfg: CompareConfig, runs: Sequence[Run], args: argparse.Namespace, overrides: list[str]) -> None:
-    """Submit the jobs and a collect job that reruns this command with --collect; with --wait, print the table."""
+def launch_sbatch(cfg: CompareConfig, runs: Sequence[Run], args: argparse.Namespace, overrides: list[str],
+                  lock: FolderLock) -> None:
+    """Submit the jobs and a collect job that reruns this command with --collect; with --wait, print the table.
+    The output's lock is released once they are submitted: the collect job takes it (each stage job takes its
+    run directory's)."""
     config = [] if args.config is None else ["--config", str(args.config.resolve())]
     collect_argv = ["-m", "experiments.compare", *config, "--collect", *overrides]
     ids = submit_sbatch(cfg, runs, collect_argv, dry_run=args.dry_run)
+    lock.release()
     if args.dry_run:
         return
     out = Path(cfg.output).resolve()
@@ -100,15 +105,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     overrides = list(args.overrides) + ([f"launch.launcher={args.launcher}"] if args.launcher else [])
     setup_logging()
+    lock = None
     try:
         cfg = load_config(CompareConfig, args.config, overrides)
+        lock = FolderLock(Path(cfg.output).resolve(), "comparison output")
+        if not args.dry_run:  # one comparison at a time per output; a dry run writes nothing
+            lock.acquire()
         runs = plan(cfg)
         stale = handle_stale(runs, move=not (args.collect or args.dry_run))
         check_plan(runs, data=not (args.no_check or args.collect), skip_recipe=stale)
         if args.dry_run and cfg.launch.launcher == "local":
             print_local_plan(runs, stale)
         elif not args.collect and cfg.launch.launcher == "sbatch":
-            launch_sbatch(cfg, runs, args, overrides)
+            launch_sbatch(cfg, runs, args, overrides, lock)
         else:
             if not args.collect:
                 run_local(runs)
@@ -122,4 +131,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:  # Ctrl-C while planning, checking or collecting: nothing is training
         print("interrupted (Ctrl-C): nothing is lost; run the same command again to go on", file=sys.stderr)
         return 130
+    finally:
+        if lock is not None:
+            lock.release()
     return 0
