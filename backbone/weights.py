@@ -15,6 +15,7 @@ timm's own ``load_state_dict`` picks ``state_dict_ema``/``model_ema``, then ``st
 from __future__ import annotations
 
 import pickle
+import re
 import zipfile
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -62,14 +63,15 @@ def read_state_dict(path: str | Path, *, use_ema: bool = True) -> tuple[dict[str
         )
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:  # a pickle of arbitrary objects: torch's advice is to trust it; we don't
+    except pickle.UnpicklingError as e:  # a pickle of arbitrary objects: torch's advice is to trust it; we don't
         if not zipfile.is_zipfile(path):  # not torch.save's archive at all (text, random bytes, another format)
             raise WeightsMismatchError(f"cannot read checkpoint {path}: it is not a PyTorch checkpoint (a torch.save "
                                        "archive), or it is truncated") from None
+        found = re.search(r"GLOBAL (\S+)", str(e))
         raise WeightsMismatchError(
-            f"cannot read checkpoint {path}: it holds Python objects besides tensors and plain values, which "
-            "torch.load(weights_only=True) refuses to run. Save the weights alone, e.g. "
-            "torch.save(model.state_dict(), path)") from None
+            f"cannot read checkpoint {path}: it holds Python objects besides tensors and plain values "
+            f"({found.group(1) if found else 'unknown'}), which torch.load(weights_only=True) refused to run. Save "
+            "the weights alone, e.g. torch.save(model.state_dict(), path)") from None
     except Exception as e:  # truncated file, not a torch file
         raise WeightsMismatchError(f"cannot read checkpoint {path}: it is not a PyTorch checkpoint, or it is "
                                    f"truncated ({type(e).__name__}: {e})") from e

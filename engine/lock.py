@@ -75,12 +75,16 @@ def _dead_here(holder: dict[str, object]) -> bool:
     return False
 
 
+def _read_mountinfo() -> str:
+    try:
+        return Path("/proc/self/mountinfo").read_text()
+    except OSError:  # not Linux
+        return ""
+
+
 def _mount_of(path: Path) -> tuple[str, str, set[str]] | None:
     """(mount point, file system type, options) of the mount holding ``path``, from /proc/self/mountinfo."""
-    try:
-        lines = Path("/proc/self/mountinfo").read_text().splitlines()
-    except OSError:
-        return None
+    lines = _read_mountinfo().splitlines()
     best = None
     target = str(path.resolve())
     for line in lines:

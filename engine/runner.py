@@ -122,14 +122,14 @@ def inspect_run_dir(run_dir: str | Path, expect: dict[str, Any]) -> RunDirState:
     """
     run_dir = Path(run_dir)
     damaged: list[Path] = []
-    latest, meta, first_error = None, {}, None
+    errors: list[ckpt.DamagedCheckpointError] = []
+    latest, meta = None, {}
     for path in reversed(ckpt.list_checkpoints(run_dir)):
         try:
             meta = ckpt.peek_checkpoint(path)
         except ckpt.DamagedCheckpointError as e:
-            log.warning("%s -- falling back to the checkpoint before it", e)
             damaged.append(path)
-            first_error = first_error or e
+            errors.append(e)
             continue
         latest = path
         break
@@ -144,14 +144,17 @@ def inspect_run_dir(run_dir: str | Path, expect: dict[str, Any]) -> RunDirState:
         try:
             ckpt.read_sealed(final, mmap=True)
         except ckpt.DamagedCheckpointError as e:
-            log.warning("%s -- it is written again from the latest checkpoint", e)
             damaged.append(final)
-            first_error = first_error or e
+            errors.append(e)
             finished = False
-    if not finished and latest is None and damaged:
-        raise ckpt.CheckpointError(f"{first_error} No intact checkpoint is left in {run_dir} to fall back to "
+    if finished:
+        return RunDirState(latest, True, meta if latest is not None else {})
+    if latest is None and damaged:
+        raise ckpt.CheckpointError(f"{errors[0]} No intact checkpoint is left in {run_dir} to fall back to "
                                    f"({len(damaged)} damaged): move them away to start the run again.")
-    return RunDirState(latest, finished, meta if latest is not None else {}, tuple(damaged))
+    for e in errors:
+        log.warning("%s -- the run resumes from %s", e, latest)
+    return RunDirState(latest, False, meta if latest is not None else {}, tuple(damaged))
 
 
 def check_resume(state: RunDirState, settings: Mapping[str, Any]) -> None:
