@@ -76,7 +76,8 @@ def _digest_into(h: Any, obj: Any, where: str) -> None:
     if isinstance(obj, torch.Tensor):
         t = obj.detach().to("cpu").contiguous()
         h.update(f"T{t.dtype}{tuple(t.shape)}".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        if t.numel():
+            h.update(t.reshape(-1).view(torch.uint8).numpy())  # the tensor's bytes, not copied
     elif isinstance(obj, Mapping):
         h.update(f"D{len(obj)}".encode())
         for k, v in obj.items():

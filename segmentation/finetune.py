@@ -221,6 +221,11 @@ def expected_identity(cfg: FinetuneConfig, anti_aliasing: str | None) -> dict[st
 # ---------------------------------------------------------------------------------------------
 # Schedule, parameter groups, sampling
 # ---------------------------------------------------------------------------------------------
+def planned_iterations(cfg: FinetuneConfig, images: int) -> int:
+    """The run's optimiser steps: ``train.iterations``, or ``train.epochs`` x the whole global batches per epoch."""
+    return cfg.train.iterations or max(1, round(cfg.train.epochs * (images // cfg.data.global_batch)))
+
+
 def poly_lr(base: float, it: int, total: int, power: float = 0.9) -> float:
     """``base x (1 - it / total) ^ power`` (0 from ``total`` on)."""
     return base * max(0.0, 1 - it / total) ** power
@@ -511,11 +516,6 @@ def run(cfg: FinetuneConfig, preempt: PreemptionFlag | None = None) -> RunStatus
                      provenance=provenance_of(cfg, inputs),
                      resume_settings={"global_batch": cfg.data.global_batch,
                                       "total_steps": planned_iterations(cfg, len(inputs.train))})
-
-
-def planned_iterations(cfg: FinetuneConfig, images: int) -> int:
-    """The run's optimiser steps: ``train.iterations``, or ``train.epochs`` x the whole global batches per epoch."""
-    return cfg.train.iterations or max(1, round(cfg.train.epochs * (images // cfg.data.global_batch)))
 
 
 def provenance_of(cfg: FinetuneConfig, inputs: FinetuneInputs) -> dict[str, Any]:

@@ -12,6 +12,7 @@ use the session's tiny pretraining run (conftest ``pretrain_straight``). Each te
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import os
@@ -97,8 +98,10 @@ def copy_run(src: Path, dst: Path, final: bool = False) -> Path:
     return dst
 
 
-def snapshot(folder: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+def snapshot(folder: Path) -> dict[str, str]:
+    """Every file under ``folder`` by the SHA-256 of its bytes."""
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
 def hostile(path: Path, marker: Path, **fields: object) -> Path:
@@ -298,12 +301,14 @@ def test_refused_finetune_resume_leaves_the_run_directory_as_it_was(seg_run: Pat
     run_dir = copy_run(seg_run, tmp_path / "run")
     before = snapshot(run_dir)
     capsys.readouterr()
-    assert finetune_main(["--config", str(SEG_TINY), *seg_args(devkit, run_dir, "data.global_batch=3")]) == 2
+    code = finetune_main(["--config", str(SEG_TINY), *seg_args(devkit, run_dir, "data.global_batch=3")])
     err = capsys.readouterr().err
-    assert "was trained with global_batch=2; this run has global_batch=3" in err and "nothing was written" in err
-    with pytest.raises(ckpt.CheckpointError, match="total_steps=4; this run has total_steps=6"):
+    with pytest.raises(ckpt.CheckpointError) as iterations:
         finetune_run(seg_cfg(devkit, run_dir, "train.iterations=6"))
     assert snapshot(run_dir) == before  # config.yaml, run.json, train.log: untouched
+    assert code == 2 and "was trained with global_batch=2; this run has global_batch=3" in err, err
+    assert "nothing was written" in err
+    assert "total_steps=4; this run has total_steps=6" in str(iterations.value)
 
 
 @pytest.mark.slow
@@ -311,9 +316,10 @@ def test_refused_pretraining_resume_leaves_the_run_directory_as_it_was(
         pretrain_straight: Path, pretrain_betons: dict[str, Path], tmp_path: Path) -> None:
     run_dir = copy_run(pretrain_straight, tmp_path / "run")
     before = snapshot(run_dir)
-    with pytest.raises(ckpt.CheckpointError, match="global_batch=16; this run has global_batch=8"):
+    with pytest.raises(ckpt.CheckpointError) as refused:
         pretrain_run(pre_cfg(pretrain_betons, run_dir, "data.global_batch=8"))
     assert snapshot(run_dir) == before
+    assert "global_batch=16; this run has global_batch=8" in str(refused.value)
 
 
 @pytest.mark.slow
