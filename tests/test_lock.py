@@ -40,12 +40,12 @@ _HOLDING_COMPARE = textwrap.dedent("""
     import sys, time
     from experiments.compare import cli
 
-    def plan_and_wait(cfg):
+    def handle_stale_and_wait(runs, move):
         print("HOLDING", flush=True)
         while True:
             time.sleep(1)
 
-    cli.plan = plan_and_wait
+    cli.handle_stale = handle_stale_and_wait
     sys.exit(cli.main(sys.argv[1:]))
 """)
 

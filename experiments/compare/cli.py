@@ -108,10 +108,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     lock = None
     try:
         cfg = load_config(CompareConfig, args.config, overrides)
+        runs = plan(cfg)  # a bad config stops here, before the output folder exists
         lock = FolderLock(Path(cfg.output).resolve(), "comparison output")
         if not args.dry_run:  # one comparison at a time per output; a dry run writes nothing
             lock.acquire()
-        runs = plan(cfg)
         stale = handle_stale(runs, move=not (args.collect or args.dry_run))
         check_plan(runs, data=not (args.no_check or args.collect), skip_recipe=stale)
         if args.dry_run and cfg.launch.launcher == "local":
