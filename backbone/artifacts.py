@@ -7,7 +7,8 @@
   ``train.ema``), the timm model name and the constructor arguments that rebuild the trained network,
   timm's ``pretrained_cfg`` (input size, crop, normalisation), the class names.
 
-Both are plain dicts on disk, so ``torch.load(weights_only=True)`` reads them and timm's own loaders
+Both are plain dicts on disk, sealed with the SHA-256 of their content (``engine.checkpoint.seal``, checked
+by every reader of this project), so ``torch.load(weights_only=True)`` reads them and timm's own loaders
 (``pretrained_cfg_overlay=dict(file=...)``, ``checkpoint_path=``) find the weights under ``state_dict``
 / ``model_ema`` / ``model``. The trainer writes them through these classes; evaluation, the segmentation
 encoder and the comparison read them through :meth:`FinalWeights.load`.
@@ -113,9 +114,9 @@ class FinalWeights:
         if not path.is_file():
             raise FileNotFoundError(f"{path} does not exist: give the final.pth of a pretraining run")
         try:
-            data = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:  # noqa: BLE001 - truncated file, not a torch file
-            raise WeightsMismatchError(f"cannot read {path}: {type(e).__name__}: {e}") from e
+            data = ckpt.read_sealed(path)  # weights_only=True, and the content checked against its digest
+        except ckpt.DamagedCheckpointError as e:  # truncated, not a torch file, objects we never write, altered
+            raise WeightsMismatchError(str(e)) from None
         if not isinstance(data, dict) or data.get("format") != cls.FORMAT:
             found = data.get("format", "none") if isinstance(data, dict) else type(data).__name__
             raise WeightsMismatchError(f"{path} is not the final.pth of a pretraining run (format {found!r}, "

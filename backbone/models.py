@@ -169,7 +169,10 @@ class ResNetGCN(ResNet):
     def load_pretrained(self, checkpoint_path: str | Path, prefix: str = "") -> None:
         # The classifier is optional: ImageNet weights load into a model with num_classes != 1000.
         state_dict, _ = read_state_dict(checkpoint_path)
-        self.follow_anti_aliasing(state_dict, str(checkpoint_path))
+        try:
+            self.follow_anti_aliasing(state_dict, str(checkpoint_path))
+        except ValueError:  # blurred convs this network does not have: another architecture, which load_weights
+            pass  # then refuses, naming the file, both architectures and the keys
         load_weights(self, checkpoint_path, optional_prefixes=("fc.",), model_name=self._arch_name())
 
     def load_state_dict(self, state_dict: Mapping[str, torch.Tensor], strict: bool = True, assign: bool = False):

@@ -22,7 +22,7 @@ from pathlib import Path
 import submitit
 
 from engine.checkpoint import CheckpointError
-from engine.config import ConfigError, load_config
+from engine.config import ConfigError, OverridesParser, load_config
 from engine.slurm import Cluster, SlurmResources, submitit_executor
 
 
@@ -57,7 +57,7 @@ def absolute_overrides(cfg, overrides: Sequence[str]) -> list[str]:
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
+    p = OverridesParser(
         prog="python -m backbone.submit", formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Submit backbone pretraining with submitit (SLURM by default). Config keys as in "
                     "python -m backbone.train --help.")

@@ -39,6 +39,7 @@ from engine.complexity import TrainFlops
 from engine.config import (
     ConfigError,
     argument_parser,
+    check_ranges,
     describe_keys,
     load_config,
     require_file,
@@ -143,19 +144,20 @@ class PretrainConfig:
                   "train.eval_every", "train.device", "train.deterministic", "run.dir", "run.keep_checkpoints",
                   "run.log_every_s", "run.check_every_steps", "run.preempt_at_step")
 
+    # Every number's valid range, checked before anything runs (a negative lr would train by gradient ascent).
+    RANGES = {"data.global_batch": ">= 1", "data.max_batch_per_process": ">= 0", "data.val_batch_size": ">= 1",
+              "data.num_workers": ">= 1", "optim.lr": "> 0", "optim.lr_batch_size": ">= 1",
+              "optim.lr_peak_epoch": ">= 0", "optim.step_ratio": "(0, 1]", "optim.step_length": ">= 1",
+              "optim.momentum": "[0, 1)", "optim.weight_decay": ">= 0", "optim.label_smoothing": "[0, 1)",
+              "resolution.round_to": ">= 1", "resolution.val_res": ">= 1", "train.epochs": ">= 1",
+              "train.eval_every": ">= 1", "train.ema_decay": "[0, 1]", "run.keep_checkpoints": ">= 0",
+              "run.log_every_s": "> 0", "run.check_every_steps": ">= 1",
+              "train.steps_per_epoch": ">= 0", "data.val_max_images": ">= 0", "run.preempt_at_step": ">= 0"}
+
     def validate(self) -> None:
         if not self.run.dir:
             self.run.dir = f"runs/pretrain/{self.model.name}"
-        for key, value in (("data.global_batch", self.data.global_batch), ("train.epochs", self.train.epochs),
-                           ("data.num_workers", self.data.num_workers),
-                           ("data.val_batch_size", self.data.val_batch_size),
-                           ("optim.lr_batch_size", self.optim.lr_batch_size)):
-            if value < 1:
-                raise ConfigError(f"{key} must be at least 1, not {value}")
-        for key, value in (("train.steps_per_epoch", self.train.steps_per_epoch),
-                           ("data.val_max_images", self.data.val_max_images)):
-            if value < 0:
-                raise ConfigError(f"{key} must be 0 (no limit) or more, not {value}")
+        check_ranges(self, self.RANGES)
         r = self.resolution
         if not 0 < r.min_res <= r.max_res:
             raise ConfigError(f"resolution: need 0 < min_res <= max_res, got {r.min_res} and {r.max_res}")
@@ -347,13 +349,7 @@ class Trainer:
         if self.steps_per_epoch == 0:
             raise ConfigError(f"{cfg.data.train} has fewer images than one global batch (data.global_batch="
                               f"{cfg.data.global_batch}, drop_last): lower the batch")
-        self.global_batch = self.batch.global_batch
-        if resumed is not None and (resumed.global_batch, resumed.world_size) != (self.global_batch, env.world_size):
-            raise ckpt.CheckpointError(
-                f"the checkpoint in {self.run_dir} was trained with a global batch of {resumed.global_batch} on "
-                f"{resumed.world_size} processes, this run has {self.global_batch} on {env.world_size}: resume with "
-                "the same batch and number of processes (the sample order and the BatchNorm statistics depend on "
-                "both), or start a new run.dir")
+        self.global_batch = self.batch.global_batch  # a resume with another one was refused (run: resume_settings)
         self.peak = peak_lr(cfg.optim, self.global_batch)
         # Restored last: building the loaders draws from NumPy's global generator (ffcv's Loader seeds
         # itself with np.random.randint when given no seed, as the val loader is), which would shift the
@@ -516,7 +512,8 @@ def run(cfg: PretrainConfig, preempt: PreemptionFlag | None = None) -> RunStatus
     """Train (or resume) the run described by ``cfg``."""
     inputs = check_inputs(cfg)  # every rank checks; errors before any loader/worker exists
     return run_stage(cfg, inputs.run, lambda env, device, flag: Trainer(cfg, inputs, env, device, flag), preempt,
-                     provenance={"global_batch": cfg.data.global_batch, "data": inputs.data})
+                     provenance={"global_batch": cfg.data.global_batch, "data": inputs.data},
+                     resume_settings={"global_batch": cfg.data.global_batch})
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,6 +1,7 @@
 """Reading this project's checkpoints and loading them into a model with errors a person can act on.
 
-Formats read (all through ``torch.load(weights_only=True)``):
+Formats read (all through ``torch.load(weights_only=True)``; a file this project wrote is checked against the
+content digest it carries, ``engine.checkpoint.seal``):
 
 * ``final.pth`` written by pretraining: ``{'state_dict', 'model_name', 'pretrained_cfg', 'num_classes',
   'format': 'lkm-weights-v1'}``;
@@ -14,12 +15,15 @@ timm's own ``load_state_dict`` picks ``state_dict_ema``/``model_ema``, then ``st
 from __future__ import annotations
 
 import pickle
+import re
 import zipfile
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import torch
 from torch import nn
+
+from engine.checkpoint import CONTENT_KEY, DamagedCheckpointError, verify_content
 
 __all__ = [
     "WeightsMismatchError",
@@ -30,7 +34,7 @@ __all__ = [
 ]
 
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
-_STATE_KEYS = ("model", "model_ema", "state_dict", "state_dict_ema", "optimizer", "scaler", "rng")
+_STATE_KEYS = ("model", "model_ema", "state_dict", "state_dict_ema", "optimizer", "scaler", "rng", CONTENT_KEY)
 _SHOW = 8  # keys listed per kind of mismatch; the rest are counted
 
 
@@ -59,19 +63,24 @@ def read_state_dict(path: str | Path, *, use_ema: bool = True) -> tuple[dict[str
         )
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:  # a pickle of arbitrary objects: torch's advice is to trust it; we don't
+    except pickle.UnpicklingError as e:  # a pickle of arbitrary objects: torch's advice is to trust it; we don't
         if not zipfile.is_zipfile(path):  # not torch.save's archive at all (text, random bytes, another format)
             raise WeightsMismatchError(f"cannot read checkpoint {path}: it is not a PyTorch checkpoint (a torch.save "
                                        "archive), or it is truncated") from None
+        found = re.search(r"GLOBAL (\S+)", str(e))
         raise WeightsMismatchError(
-            f"cannot read checkpoint {path}: it holds Python objects besides tensors and plain values, which "
-            "torch.load(weights_only=True) refuses to run. Save the weights alone, e.g. "
-            "torch.save(model.state_dict(), path)") from None
+            f"cannot read checkpoint {path}: it holds Python objects besides tensors and plain values "
+            f"({found.group(1) if found else 'unknown'}), which torch.load(weights_only=True) refused to run. Save "
+            "the weights alone, e.g. torch.save(model.state_dict(), path)") from None
     except Exception as e:  # truncated file, not a torch file
         raise WeightsMismatchError(f"cannot read checkpoint {path}: it is not a PyTorch checkpoint, or it is "
                                    f"truncated ({type(e).__name__}: {e})") from e
     if not isinstance(ckpt, Mapping):
         raise WeightsMismatchError(f"checkpoint {path} holds a {type(ckpt).__name__}, not a state dict")
+    try:
+        verify_content(ckpt, path)  # files this project wrote carry their content's digest
+    except DamagedCheckpointError as e:
+        raise WeightsMismatchError(str(e)) from None
     meta: dict = {}
     keys = ("model_ema", "state_dict_ema", "state_dict", "model") if use_ema else ("state_dict", "model")
     for key in keys:

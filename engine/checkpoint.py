@@ -11,13 +11,23 @@ A checkpoint is only written when every floating-point tensor of its weights is 
 (:func:`nonfinite_tensors`): a diverged run keeps the checkpoints it had, and rotation (the newest
 ``keep`` are kept) can then never remove the last good one. Files get the mode the umask gives any
 new file (``tempfile`` would leave them 0600).
+
+No file runs code when read: everything is loaded with ``torch.load(weights_only=True)``, which refuses
+a pickle of anything but tensors and plain values (run directories are shared and copied; a pickle that
+calls ``os.system`` is an error naming the file, and nothing of it runs). What is written is sealed: a
+dict written by :func:`save_atomic` carries ``content_sha256``, the SHA-256 of everything it holds
+(:func:`content_digest`: every key, plain value and tensor's bytes, in order), and reading it back checks
+that digest (:func:`verify_content`), so a checkpoint or weights file changed on disk after it was written
+(a bad block, a partial copy, bytes overwritten) is named and refused instead of training on.
 """
 
 from __future__ import annotations
 
 import errno
+import hashlib
 import logging
 import os
+import pickle
 import random
 import re
 import shutil
@@ -45,6 +55,89 @@ class NonFiniteWeightsError(CheckpointError):
     """Weights with NaN/inf were about to be saved; nothing was written."""
 
 
+class DamagedCheckpointError(CheckpointError):
+    """A file whose content is not what was written (digest mismatch), or that cannot be read at all."""
+
+
+# The key of a sealed file's digest (see the module docstring).
+CONTENT_KEY = "content_sha256"
+
+
+def content_digest(obj: Any) -> str:
+    """SHA-256 of a checkpoint's content: dict keys and values in order, plain values by type and ``repr``,
+    tensors by dtype, shape and bytes. Raises TypeError for anything else (a checkpoint holds tensors and
+    plain values only, or ``torch.load(weights_only=True)`` could not read it back)."""
+    h = hashlib.sha256()
+    _digest_into(h, obj, "")
+    return h.hexdigest()
+
+
+def _digest_into(h: Any, obj: Any, where: str) -> None:
+    if isinstance(obj, torch.Tensor):
+        t = obj.detach().to("cpu").contiguous()
+        h.update(f"T{t.dtype}{tuple(t.shape)}".encode())
+        if t.numel():
+            h.update(t.reshape(-1).view(torch.uint8).numpy())  # the tensor's bytes, not copied
+    elif isinstance(obj, Mapping):
+        h.update(f"D{len(obj)}".encode())
+        for k, v in obj.items():
+            _digest_into(h, k, where)
+            _digest_into(h, v, f"{where}.{k}" if where else str(k))
+    elif isinstance(obj, list | tuple):  # torch.Size too (a tuple)
+        h.update(f"{'L' if isinstance(obj, list) else 'U'}{len(obj)}".encode())
+        for i, v in enumerate(obj):
+            _digest_into(h, v, f"{where}[{i}]")
+    elif obj is None or isinstance(obj, bool | int | float | str | bytes | torch.dtype | torch.device):
+        text = repr(obj).encode()
+        h.update(f"{type(obj).__name__}:{len(text)}:".encode())
+        h.update(text)
+    else:
+        raise TypeError(f"cannot seal {type(obj).__name__} at '{where}': a checkpoint holds tensors and plain "
+                        "values only (torch.load(weights_only=True) reads nothing else)")
+
+
+def seal(state: Mapping[str, Any]) -> dict[str, Any]:
+    """``state`` with its :func:`content_digest` under :data:`CONTENT_KEY` (replacing an older one)."""
+    body = {k: v for k, v in state.items() if k != CONTENT_KEY}
+    return {**body, CONTENT_KEY: content_digest(body)}
+
+
+def verify_content(state: Mapping[str, Any], path: str | Path) -> bool:
+    """Check a loaded file against the digest it carries: True when it matches, False for a file written
+    without one (before files were sealed); raises :class:`DamagedCheckpointError` naming ``path`` when the
+    content differs from what was written."""
+    recorded = state.get(CONTENT_KEY)
+    if recorded is None:
+        return False
+    body = {k: v for k, v in state.items() if k != CONTENT_KEY}
+    try:
+        actual = content_digest(body)
+    except TypeError as e:
+        raise DamagedCheckpointError(f"{path} is damaged: {e}") from None
+    if actual != recorded:
+        raise DamagedCheckpointError(
+            f"{path} is damaged: its content is not what was written (SHA-256 {actual[:12]}, recorded "
+            f"{recorded[:12]} when it was written): a bad disk, an incomplete copy or bytes overwritten")
+    return True
+
+
+def read_sealed(path: str | Path, mmap: bool = False) -> Any:
+    """``torch.load(path, weights_only=True)`` on CPU, its digest checked (:func:`verify_content`).
+
+    Raises :class:`DamagedCheckpointError` naming the file when it cannot be read (truncated, not a torch
+    file, or a pickle of objects other than tensors and plain values: refused, not run) or its content
+    is not what was written.
+    """
+    path = Path(path)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except Exception as e:  # noqa: BLE001 - any unpickling failure means the same thing here
+        raise DamagedCheckpointError(_unreadable(path, e)) from None
+    if isinstance(state, Mapping):
+        verify_content(state, path)
+    return state
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
@@ -52,12 +145,15 @@ def _umask() -> int:
 
 
 def save_atomic(obj: Any, path: str | Path) -> Path:
-    """``torch.save`` to ``path`` through a temporary file + ``os.replace``; mode from the umask.
+    """``torch.save`` to ``path`` through a temporary file + ``os.replace``; mode from the umask. A dict is
+    sealed first (:func:`seal`: its content digest goes in with it).
 
     A full disk raises :class:`CheckpointError` saying how much the file needed and how much was free;
     ``path`` is then untouched and no temporary file stays behind.
     """
     path = Path(path)
+    if isinstance(obj, Mapping):
+        obj = seal(obj)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
@@ -168,16 +264,14 @@ def save_checkpoint(state: dict[str, Any], run_dir: str | Path, step: int, keep:
 
 
 def load_checkpoint(path: str | Path, expect: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Load a training checkpoint on CPU and check that it belongs to this run.
+    """Load a training checkpoint on CPU (:func:`read_sealed`: no code runs, the content is checked) and
+    check that it belongs to this run.
 
     ``expect`` maps keys (e.g. ``model_name``, ``num_classes``, ``format``) to the values this run
     has; any difference raises CheckpointError naming the file, the key and both values.
     """
     path = Path(path)
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:  # noqa: BLE001 - any unpickling failure means the same thing here
-        raise CheckpointError(_unreadable(path, e)) from e
+    state = read_sealed(path)
     if not isinstance(state, dict):
         raise CheckpointError(f"{path} is not a training checkpoint (holds a {type(state).__name__})")
     check_compatible(state, path, expect or {})
@@ -185,6 +279,12 @@ def load_checkpoint(path: str | Path, expect: dict[str, Any] | None = None) -> d
 
 
 def _unreadable(path: Path, e: BaseException) -> str:
+    if isinstance(e, pickle.UnpicklingError):  # weights_only refused a global: the file holds objects we never write
+        found = re.search(r"GLOBAL (\S+)", str(e))
+        what = found.group(1) if found else "objects other than tensors and plain values"
+        return (f"cannot read checkpoint {path}: it holds Python objects ({what}) that this project never writes, "
+                "and torch.load(weights_only=True) refused to run them. Do not use the file: delete it, or choose "
+                "another run.dir.")
     return (f"cannot read checkpoint {path} ({type(e).__name__}: {e}). It is damaged (a kill or a full disk "
             "while writing?): delete it to resume from the checkpoint before it, or choose another run.dir.")
 
@@ -200,15 +300,14 @@ def check_compatible(state: dict[str, Any], path: str | Path, expect: dict[str, 
 
 
 def peek_checkpoint(path: str | Path) -> dict[str, Any]:
-    """The small metadata entries of a checkpoint (everything but tensors and optimiser state)."""
+    """The small metadata entries of a checkpoint (everything but tensors and optimiser state), its content
+    checked (:func:`read_sealed`, memory-mapped)."""
     path = Path(path)
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
-    except Exception as e:  # noqa: BLE001 - truncated, empty or foreign file
-        raise CheckpointError(_unreadable(path, e)) from e
+    state = read_sealed(path, mmap=True)
     if not isinstance(state, dict):
         raise CheckpointError(f"{path} is not a training checkpoint (holds a {type(state).__name__})")
-    return {k: v for k, v in state.items() if isinstance(v, str | int | float | bool | None) or k == "config"}
+    return {k: v for k, v in state.items()
+            if (isinstance(v, str | int | float | bool | None) and k != CONTENT_KEY) or k == "config"}
 
 
 def export_weights(module: torch.nn.Module) -> dict[str, torch.Tensor]:

@@ -181,6 +181,38 @@ def parse_override(cls: type, text: str) -> dict[str, Any]:
     return nested
 
 
+def check_ranges(cfg: Any, ranges: dict[str, str]) -> None:
+    """Raise a ConfigError for the first value of ``cfg`` outside its range.
+
+    ``ranges`` maps dotted keys to ``'> 0'``, ``'>= 1'``, ``'< 1'``, ``'<= 1'`` or an interval ``'[0, 1)'``;
+    numbers must also be finite (YAML reads ``.inf`` and ``.nan``).
+    """
+    import math
+
+    for key, spec in ranges.items():
+        value: Any = cfg
+        for part in key.split("."):
+            value = getattr(value, part)
+        if value is None:
+            continue
+        if not math.isfinite(value):
+            raise ConfigError(f"{key} must be a finite number, not {value}")
+        if not _within(value, spec):
+            words = {">": "above", ">=": "at least", "<": "below", "<=": "at most"}
+            op, _, bound = spec.partition(" ")
+            wanted = f"{words[op]} {bound}" if op in words else f"in {spec}"
+            raise ConfigError(f"{key} must be {wanted}, not {value}")
+
+
+def _within(value: float, spec: str) -> bool:
+    op, _, bound = spec.partition(" ")
+    if op in (">", ">=", "<", "<="):
+        b = float(bound)
+        return {">": value > b, ">=": value >= b, "<": value < b, "<=": value <= b}[op]
+    low, high = (float(x) for x in spec[1:-1].split(","))
+    return (value >= low if spec[0] == "[" else value > low) and (value <= high if spec[-1] == "]" else value < high)
+
+
 def require_file(path: str | Path, key: str, fix: str) -> Path:
     """``path`` if it is a file; else a ConfigError naming ``key``, whether it is missing or a folder, and ``fix``."""
     path = Path(path)
@@ -230,10 +262,19 @@ def dump_config(cfg: Any, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
 
+class OverridesParser(argparse.ArgumentParser):
+    """An ``ArgumentParser`` whose ``key=value`` overrides and options come in any order (``run.dir=X --collect``):
+    plain ``parse_args`` stops taking positionals at the first option after them and then rejects the rest
+    as "unrecognized arguments". Every command line that takes overrides is built on it."""
+
+    def parse_args(self, args: Sequence[str] | None = None, namespace: Any = None) -> argparse.Namespace:
+        return self.parse_intermixed_args(args, namespace)
+
+
 def argument_parser(description: str, prog: str | None = None, epilog: str | None = None
                     ) -> argparse.ArgumentParser:
-    """An argparse parser with ``--config FILE`` and trailing ``key=value`` overrides."""
-    parser = argparse.ArgumentParser(prog=prog, description=description, epilog=epilog,
+    """An argparse parser with ``--config FILE`` and ``key=value`` overrides (before, between or after options)."""
+    parser = OverridesParser(prog=prog, description=description, epilog=epilog,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", type=Path, default=None,
                         help="YAML config file (sections as in configs/); defaults apply without it")

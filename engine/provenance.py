@@ -8,6 +8,8 @@ global batch, seed, recipe hash, code version -- and, once known, the hashes of 
 """
 from __future__ import annotations
 
+import collections
+import dataclasses
 import functools
 import hashlib
 import json
@@ -18,27 +20,45 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-__all__ = ["file_sha256", "recipe_hash", "flatten", "code_version", "write_run_record", "read_run_record",
-           "RUN_RECORD"]
+__all__ = ["file_sha256", "recipe_hash", "config_recipe_hash", "flatten", "code_version", "write_run_record",
+           "read_run_record", "RUN_RECORD"]
 
 RUN_RECORD = "run.json"
 _ROOT = Path(__file__).resolve().parents[1]
 
 
-@functools.lru_cache(maxsize=256)
-def _sha256_cached(path: str, size: int, mtime_ns: int) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+_HASHES: collections.OrderedDict[tuple, str] = collections.OrderedDict()  # file identity -> SHA-256
+_HASHES_KEPT = 256
+# A file changed this recently may change again within its timestamps' granularity (a coarse clock tick,
+# seconds on some network file systems) with the same size: its hash is not kept (git's "racily clean").
+_SETTLED_NS = 3_000_000_000
+
+
+def _identity(st: os.stat_result, path: str) -> tuple:
+    return (path, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
 def file_sha256(path: str | Path) -> str:
-    """SHA-256 of a file's bytes (cached per process by path, size and mtime: the cache only saves
-    re-reading, the answer is always the content's)."""
-    st = os.stat(path)
-    return _sha256_cached(str(Path(path).resolve()), st.st_size, st.st_mtime_ns)
+    """SHA-256 of a file's bytes. Kept per process for files that have not changed for a few seconds, by
+    path, inode, size and both timestamps (the ctime moves with any write or ``touch``, which the mtime
+    does not have to), so the cache only saves re-reading: the answer is always the content's."""
+    resolved = str(Path(path).resolve())
+    before = os.stat(resolved)
+    key = _identity(before, resolved)
+    if (known := _HASHES.get(key)) is not None:
+        _HASHES.move_to_end(key)
+        return known
+    h = hashlib.sha256()
+    with open(resolved, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    digest = h.hexdigest()
+    settled = time.time_ns() - max(before.st_mtime_ns, before.st_ctime_ns) > _SETTLED_NS
+    if settled and _identity(os.stat(resolved), resolved) == key:  # unchanged while it was read
+        _HASHES[key] = digest
+        while len(_HASHES) > _HASHES_KEPT:
+            _HASHES.popitem(last=False)
+    return digest
 
 
 def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -57,6 +77,12 @@ def recipe_hash(config: Mapping[str, Any], exclude: Iterable[str] = ()) -> str:
     skip = set(exclude)
     flat = {k: v for k, v in flatten(config).items() if k not in skip}
     return hashlib.sha256(json.dumps(flat, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def config_recipe_hash(cfg: Any) -> str:
+    """The recipe hash of a stage's config (a dataclass): every resolved value except the keys its class
+    names in ``NOT_RECIPE`` (paths, logging, machine settings). What ``run.json`` records."""
+    return recipe_hash(dataclasses.asdict(cfg), getattr(type(cfg), "NOT_RECIPE", ()))
 
 
 @functools.lru_cache(maxsize=1)

@@ -33,7 +33,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from engine.config import load_config
+from engine.config import OverridesParser, load_config
 from engine.logs import setup_logging
 from engine.provenance import file_sha256
 
@@ -144,9 +144,9 @@ def verdict(output: Path) -> bool:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m experiments.demo", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog="\n\n".join(__doc__.split("\n\n")[1:]))
+    p = OverridesParser(prog="python -m experiments.demo", description=__doc__.split("\n\n")[0],
+                        formatter_class=argparse.RawDescriptionHelpFormatter,
+                        epilog="\n\n".join(__doc__.split("\n\n")[1:]))
     p.add_argument("--launcher", choices=("local", "sbatch"), default="local",
                    help="local: subprocesses on this machine; sbatch: SLURM jobs with dependencies")
     p.add_argument("--data", type=Path, default=Path("data/shapes"), help="where the shapes data set goes")

@@ -93,7 +93,8 @@ def load_model(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
     """The network of a fine-tuning ``final.pth`` or ``checkpoint_*.pt``, and the file's metadata."""
     state_dict, _ = read_state_dict(path)  # checks the file, names it in any error
     full = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    meta = {k: v for k, v in full.items() if k not in ("model", "state_dict", "optimizer", "scaler", "rng")}
+    meta = {k: v for k, v in full.items()
+            if k not in ("model", "state_dict", "optimizer", "scaler", "rng", ckpt.CONTENT_KEY)}
     if meta.get("format") not in READABLE or "model_args" not in meta:
         raise WeightsMismatchError(
             f"{path} is not a checkpoint of segmentation.finetune (format {meta.get('format', 'unknown')!r}); "

@@ -44,7 +44,15 @@ from engine import checkpoint as ckpt
 from engine import distributed as distrib
 from engine.batchnorm import SYNCED, convert_sync_batchnorm
 from engine.complexity import TrainFlops
-from engine.config import ConfigError, argument_parser, describe_keys, load_config, require_file, to_dict
+from engine.config import (
+    ConfigError,
+    argument_parser,
+    check_ranges,
+    describe_keys,
+    load_config,
+    require_file,
+    to_dict,
+)
 from engine.curves import draw_curves
 from engine.logs import MetricsWriter
 from engine.loop import MicroBatches, TrainLoop, autocast, backward_accumulated, split_batch
@@ -157,18 +165,23 @@ class FinetuneConfig:
                   "train.device", "train.deterministic", "eval.every", "run.dir", "run.keep_checkpoints",
                   "run.log_every_s", "run.check_every_steps", "run.preempt_at_step")
 
+    # Every number's valid range, checked before anything runs (a negative lr would train by gradient ascent).
+    RANGES = {"model.kernel_size": ">= 1", "data.crop_size": ">= 1", "data.global_batch": ">= 1",
+              "data.max_batch_per_process": ">= 0", "data.num_workers": ">= 0", "optim.lr": "> 0",
+              "optim.head_lr_mult": ">= 0", "optim.power": ">= 0", "optim.momentum": "[0, 1)",
+              "optim.weight_decay": ">= 0", "train.iterations": ">= 0", "train.epochs": ">= 0", "eval.every": ">= 0",
+              "eval.max_images": ">= 0", "eval.window": ">= 0", "eval.overlap": "[0, 1)", "eval.boundary_width": ">= 0",
+              "run.checkpoint_every": ">= 1", "run.keep_checkpoints": ">= 0", "run.log_every_s": "> 0",
+              "run.check_every_steps": ">= 1", "run.preempt_at_step": ">= 0"}
+
     def validate(self) -> None:
+        check_ranges(self, self.RANGES)
         if self.model.head not in HEADS:
             raise ConfigError(f"model.head={self.model.head!r} is not one of {', '.join(HEADS)}")
         if self.data.dataset not in DATASETS:
             raise ConfigError(f"data.dataset={self.data.dataset!r} is not one of {', '.join(DATASETS)}")
         if self.train.iterations <= 0 and self.train.epochs <= 0:
             raise ConfigError("set train.iterations (or train.epochs with train.iterations=0)")
-        for key, value in (("data.global_batch", self.data.global_batch), ("data.crop_size", self.data.crop_size),
-                           ("run.checkpoint_every", self.run.checkpoint_every),
-                           ("run.check_every_steps", self.run.check_every_steps)):
-            if value < 1:
-                raise ConfigError(f"{key} must be at least 1, not {value}")
         if not 0 < self.data.scale_min <= self.data.scale_max:
             raise ConfigError(f"need 0 < data.scale_min <= data.scale_max, got {self.data.scale_min}, "
                               f"{self.data.scale_max}")
@@ -209,6 +222,11 @@ def expected_identity(cfg: FinetuneConfig, anti_aliasing: str | None) -> dict[st
 # ---------------------------------------------------------------------------------------------
 # Schedule, parameter groups, sampling
 # ---------------------------------------------------------------------------------------------
+def planned_iterations(cfg: FinetuneConfig, images: int) -> int:
+    """The run's optimiser steps: ``train.iterations``, or ``train.epochs`` x the whole global batches per epoch."""
+    return cfg.train.iterations or max(1, round(cfg.train.epochs * (images // cfg.data.global_batch)))
+
+
 def poly_lr(base: float, it: int, total: int, power: float = 0.9) -> float:
     """``base x (1 - it / total) ^ power`` (0 from ``total`` on)."""
     return base * max(0.0, 1 - it / total) ** power
@@ -369,7 +387,7 @@ class Finetuner:
             pin_memory=self.on_gpu, persistent_workers=d.num_workers > 0, drop_last=True,
             generator=torch.Generator().manual_seed(cfg.train.seed))  # not the global RNG
         self.global_batch = d.global_batch
-        self.total = cfg.train.iterations or max(1, round(cfg.train.epochs * self.sampler.steps_per_epoch))
+        self.total = planned_iterations(cfg, len(self.train_set))
 
         self.epoch, self.step_in_epoch = 0, 0
         self.last_val: dict[str, Any] = {}
@@ -398,13 +416,8 @@ class Finetuner:
         ).to_dict()
 
     def resume(self, path: Path) -> None:
+        # trained with the same global batch, world size and iterations: checked before the run started (run)
         state = FinetuneCheckpoint.load(path, identity(self.cfg.data.dataset, self.model_args))
-        if (state.global_batch, state.world_size, state.total_steps) != (self.global_batch, self.env.world_size,
-                                                                         self.total):
-            raise ckpt.CheckpointError(
-                f"{path} was trained with a global batch of {state.global_batch} on {state.world_size} processes "
-                f"for {state.total_steps} iterations; this run has {self.global_batch} on {self.env.world_size} "
-                f"for {self.total}: resume with the same settings, or use another run.dir")
         self.model.load_state_dict(state.model)
         self.optimizer.load_state_dict(state.optimizer)
         self.loop.step, self.epoch, self.step_in_epoch = state.step, state.epoch, state.step_in_epoch
@@ -516,7 +529,9 @@ def run(cfg: FinetuneConfig, preempt: PreemptionFlag | None = None) -> RunStatus
     """Fine-tune (or resume) the run of ``cfg``."""
     inputs = check_inputs(cfg)  # every rank checks; errors before any worker exists
     return run_stage(cfg, inputs.run, lambda env, device, flag: Finetuner(cfg, inputs, env, device, flag), preempt,
-                     provenance=provenance_of(cfg, inputs))
+                     provenance=provenance_of(cfg, inputs),
+                     resume_settings={"global_batch": cfg.data.global_batch,
+                                      "total_steps": planned_iterations(cfg, len(inputs.train))})
 
 
 def provenance_of(cfg: FinetuneConfig, inputs: FinetuneInputs) -> dict[str, Any]:

@@ -132,7 +132,7 @@ def test_checkpoints_atomic_latest_keep_and_never_overwritten(tmp_path: Path) ->
     assert ckpt.latest_checkpoint(tmp_path / "nothing") is None
 
 
-def test_failed_write_keeps_previous_file(tmp_path: Path) -> None:
+def test_failed_write_keeps_previous_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     path = tmp_path / "x.pt"
     ckpt.save_atomic({"v": 1}, path)
 
@@ -140,8 +140,18 @@ def test_failed_write_keeps_previous_file(tmp_path: Path) -> None:
         def __reduce__(self):
             raise RuntimeError("boom")
 
-    with pytest.raises(RuntimeError, match="boom"):
+    # an object that is neither a tensor nor a plain value is refused before anything is written (sealing)
+    with pytest.raises(TypeError, match="cannot seal Unpicklable at 'v'"):
         ckpt.save_atomic({"v": Unpicklable()}, path)
+
+    def save_half_then_fail(obj, f, *args, **kwargs):
+        f.write(b"PK\x03\x04 half a file")
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(torch, "save", save_half_then_fail)
+    with pytest.raises(RuntimeError, match="boom"):
+        ckpt.save_atomic({"v": 2}, path)
+    monkeypatch.undo()
     assert torch.load(path)["v"] == 1 and sorted(p.name for p in tmp_path.iterdir()) == ["x.pt"]
 
 

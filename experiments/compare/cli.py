@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from engine.checkpoint import CheckpointError
-from engine.config import ConfigError, describe_keys, load_config
+from engine.config import ConfigError, OverridesParser, describe_keys, load_config
+from engine.lock import FolderLock
 from engine.logs import setup_logging
 
 from .collect import collect, compared, crf_variants, score_problem, seed_plan
@@ -35,7 +36,7 @@ def _description() -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = OverridesParser(
         prog="python -m experiments.compare", formatter_class=argparse.RawDescriptionHelpFormatter,
         description=_description(), epilog="config keys (section.key=default):\n" + describe_keys(CompareConfig))
     p.add_argument("--config", type=Path, default=None, help="YAML config (configs/table6.yaml, configs/demo.yaml)")
@@ -136,13 +137,16 @@ def handle_stale(runs: Sequence[Run], move: bool) -> dict[Path, str]:
     return left
 
 
-def launch_sbatch(cfg: CompareConfig, runs: Sequence[Run], args: argparse.Namespace, overrides: list[str]) -> None:
+def launch_sbatch(cfg: CompareConfig, runs: Sequence[Run], args: argparse.Namespace, overrides: list[str],
+                  lock: FolderLock) -> None:
     """Submit the jobs and a collect job that reruns this command with --collect; with --wait (and always for a
-    rehearsal), print the table."""
+    rehearsal), print the table. The output's lock is released once they are submitted: the collect job takes it
+    (each stage job takes its run directory's)."""
     config = [] if args.config is None else ["--config", str(args.config.resolve())]
     collect_argv = ["-m", "experiments.compare", *config, "--collect", *(["--rehearse"] if args.rehearse else []),
                     *overrides]
     ids = submit_sbatch(cfg, runs, collect_argv, dry_run=args.dry_run)
+    lock.release()
     if args.dry_run:
         return
     out = Path(cfg.output).resolve()
@@ -170,16 +174,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     overrides = list(args.overrides) + ([f"launch.launcher={args.launcher}"] if args.launcher else [])
     setup_logging()
+    lock = None
     try:
         cfg = real = load_config(CompareConfig, args.config, overrides)
         if args.rehearse:
             cfg = rehearsal_config(real)
-            if not (args.collect or args.dry_run or args.plan_seeds is not None):
-                start_fresh(cfg)
         else:
             refuse_rehearsal_output(cfg)
-        runs = plan(cfg)
+        runs = plan(cfg)  # a bad config stops here, before the output folder exists
         reading = args.collect or args.plan_seeds is not None  # read what is there: train nothing, move nothing
+        lock = FolderLock(Path(cfg.output).resolve(), "comparison output")
+        if not (args.dry_run or args.plan_seeds is not None):  # one comparison at a time per output
+            lock.acquire()
+        if args.rehearse and not (reading or args.dry_run):
+            start_fresh(cfg)
         stale = handle_stale(runs, move=not (reading or args.dry_run))
         check_plan(runs, data=not (args.no_check or reading), skip_recipe=stale)
         if args.plan_seeds is not None:
@@ -187,7 +195,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         elif args.dry_run and cfg.launch.launcher == "local":
             print_local_plan(runs, stale)
         elif not args.collect and cfg.launch.launcher == "sbatch":
-            launch_sbatch(cfg, runs, args, overrides)
+            launch_sbatch(cfg, runs, args, overrides, lock)
         elif args.rehearse:
             if not args.collect:
                 run_local(runs, resume_preempted=True)
@@ -205,4 +213,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:  # Ctrl-C while planning, checking or collecting: nothing is training
         print("interrupted (Ctrl-C): nothing is lost; run the same command again to go on", file=sys.stderr)
         return 130
+    finally:
+        if lock is not None:
+            lock.release()
     return 0

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from engine.config import ConfigError
+from engine.lock import LOCK_NAME
 from engine.logs import read_metrics
 from engine.provenance import read_run_record
 
@@ -65,15 +66,16 @@ def rehearsal_config(cfg: CompareConfig) -> CompareConfig:
 
 
 def start_fresh(rehearsal: CompareConfig) -> None:
-    """Remove an earlier rehearsal (only a folder it marked) and mark the new one: a rehearsal is cheap, and its
-    figures must describe this cluster as it is now."""
+    """Remove an earlier rehearsal (only from a folder it marked) and mark the new one: a rehearsal is cheap, and
+    its figures must describe this cluster as it is now. The caller holds the folder's lock."""
     out = Path(rehearsal.output)
-    if out.exists():
-        if not (out / MARKER).exists():
-            raise ConfigError(f"{out} exists and is not a rehearsal's folder (no {MARKER}): move it, or set output= "
-                              "to another folder")
-        shutil.rmtree(out)
-    out.mkdir(parents=True)
+    out.mkdir(parents=True, exist_ok=True)
+    earlier = [p for p in out.iterdir() if p.name != LOCK_NAME]  # the lock is this call's: it holds it
+    if earlier and not (out / MARKER).exists():
+        raise ConfigError(f"{out} exists and is not a rehearsal's folder (no {MARKER}): move it, or set output= "
+                          "to another folder")
+    for p in earlier:
+        shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
     (out / MARKER).write_text(
         "# A rehearsal, not results\n\nWritten by `python -m experiments.compare --rehearse`: every stage of the plan "
         "cut to a few steps, to check the cluster set-up and estimate the cost. Its scores say nothing about the "
