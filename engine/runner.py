@@ -12,6 +12,7 @@ again so that in-process callers (tests, notebooks) get their state back.
 from __future__ import annotations
 
 import enum
+import gc
 import logging
 import os
 import signal
@@ -237,7 +238,8 @@ def run_stage(
         take_lock(lock, env, device)
         if env.is_main:
             prepare_run_dir(cfg, state, env, provenance)
-        log.info("process %d/%d (local %d) via %s", env.rank, env.world_size, env.local_rank, env.source)
+        log.info("process %d/%d (local %d) via %s%s", env.rank, env.world_size, env.local_rank, env.source,
+                 f", {torch.distributed.get_backend()} process group" if distrib.is_initialized() else "")
         trainer = make_trainer(env, device, preempt)
         status = trainer.fit()
         if status is RunStatus.FINISHED and env.is_main:
@@ -245,6 +247,10 @@ def run_stage(
         distrib.barrier()
         return status
     finally:
+        # DDP (its reducer's threads) before its process group: the other way round, gloo can abort at exit
+        trainer = None
+        if distrib.is_initialized():
+            gc.collect()
         distrib.teardown()
         set_deterministic(was_deterministic)
         torch.backends.cudnn.benchmark = was_benchmark  # set_deterministic turns it on for non-deterministic runs

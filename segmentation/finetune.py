@@ -461,12 +461,13 @@ class Finetuner:
         cfg = self.cfg
         if self.env.is_main:
             b = self.batch
-            log.info("fine-tuning %s + %s on %s/%s (%d images): %d iterations, global batch %d = %d processes x %d%s, "
-                     "%d iterations per epoch, lr %.4g (new layers x%g)", cfg.model.backbone, cfg.model.head,
-                     cfg.data.dataset, cfg.data.train_split, len(self.train_set), self.total, self.global_batch,
-                     self.env.world_size, b.per_process, f" (accumulated over {b.accumulation} micro-batches of "
-                     f"{b.micro_batch})" if b.accumulation > 1 else "", self.sampler.steps_per_epoch, cfg.optim.lr,
-                     cfg.optim.head_lr_mult)
+            accumulated = f" (accumulated over {b.accumulation} micro-batches of {b.micro_batch})" \
+                if b.accumulation > 1 else ""
+            log.info("fine-tuning %s + %s on %s/%s (%d images): %d iterations, global batch %d (%d processes) of %d "
+                     "per process%s, %d iterations per epoch, lr %.4g (new layers x%g)", cfg.model.backbone,
+                     cfg.model.head, cfg.data.dataset, cfg.data.train_split, len(self.train_set), self.total,
+                     self.global_batch, self.env.world_size, b.per_process, accumulated, self.sampler.steps_per_epoch,
+                     cfg.optim.lr, cfg.optim.head_lr_mult)
         self.model.train()
         try:
             self.train_iterations()

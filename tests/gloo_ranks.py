@@ -16,6 +16,7 @@ batch (the same seeds on every rank), and writes ``OUT_DIR/<scenario>_<rank>.jso
 """
 from __future__ import annotations
 
+import gc
 import json
 import os
 import sys
@@ -118,6 +119,8 @@ def main() -> None:
     rank, world = dist.get_rank(), dist.get_world_size()
     try:
         result = SCENARIOS[scenario](rank, world, *args)
+        gc.collect()  # DDP's reducer gone before its group: torn down the other way round, gloo can abort at exit
+        dist.barrier()
     finally:
         dist.destroy_process_group()
     (out / f"{scenario}_{rank}.json").write_text(json.dumps({"world": world, "pid": os.getpid(), **result}))

@@ -225,7 +225,7 @@ def test_two_rank_finetune_with_sync_batchnorm_accumulation_and_flop_counting(tm
                     env={"LKM_PEAK_TFLOPS": "0.5"})  # a known peak: MFU, hence FLOP counting, as on every GPU
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
     log = (run_dir / "train.log").read_text()
-    assert "joining gloo process group" in log and "SyncBatchNorm layers" in log
+    assert "via torchrun, gloo process group" in log and "SyncBatchNorm layers" in log
     assert "accumulated over 2 micro-batches of 1" in log
     train = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()
              if '"kind": "train"' in line]
