@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, run_watched
+from hangs import ROOT, run_watched
 
 from backbone.artifacts import FinalWeights
 from backbone.models import TESTED_FAMILIES, check_input_sizes, create_backbone

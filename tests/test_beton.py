@@ -14,16 +14,15 @@ import os
 import socket
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
 import torch
-from conftest import Hung, Watched, run_watched
 from ffcv.reader import Reader
 from ffcv.transforms import NormalizeImage, ToDevice, ToTensor, ToTorchImage
+from hangs import Hung, Watched, run_watched
 from imagenet_fixture import REPO_ROOT, load_rgb, make_imagefolder
 from torch.utils.data import DistributedSampler
 
@@ -48,7 +47,7 @@ RAW_MAX_RES = 64  # the raw .beton is written with this max side, so the larger 
 VAL_RES = 40
 TRAIN_BATCH = 32
 TRAIN_SEED = 7
-# Children are watched for progress (conftest.Watched), not timed: a hang fails when nothing moved for a while,
+# Children are watched for progress (hangs.Watched), not timed: a hang fails when nothing moved for a while,
 # however slow a busy machine makes a healthy child (~20-60 s of wall time on 2 busy cores, mostly numba
 # compiling). ffcv's scheduling hang spins instead, so the loader children also get a budget of CPU seconds,
 # about 5x what they use (a busy machine stretches wall time, not CPU time).
@@ -79,26 +78,6 @@ def labels(tree) -> np.ndarray:
 # One child writes both .beton files (defaults, and raw at a small max side), then runs the writer
 # with one image failing inside a writer worker, after the up-front check passed (a file changed
 # meanwhile, or the disk filled up).
-_SCRIPTED_WRITES = textwrap.dedent("""
-    import contextlib, io, json, sys
-    import backbone.write_beton as wb
-    data_dir, default_out, raw_out, failed_out = sys.argv[1:5]
-    summary = io.StringIO()
-    with contextlib.redirect_stdout(summary):
-        rcs = [wb.main(["--data-dir", data_dir, "--out", default_out, "--skip-bad", "--num-workers", "2"])]
-    rcs.append(wb.main(["--data-dir", data_dir, "--out", raw_out, "--write-mode", "raw",
-                        "--compress-probability", "0", "--max-resolution", "{max_res}", "--skip-bad",
-                        "--num-workers", "2"]))
-    original = wb.ImageFolderRGB.__getitem__
-    def failing(self, index):
-        if index == 150:
-            raise OSError("injected read failure")
-        return original(self, index)
-    wb.ImageFolderRGB.__getitem__ = failing
-    rcs.append(wb.main(["--data-dir", data_dir, "--out", failed_out, "--skip-bad", "--num-workers", "2",
-                        "--chunk-size", "20"]))
-    print("RESULT", json.dumps({{"rcs": rcs, "summary": summary.getvalue()}}))
-""").format(max_res=RAW_MAX_RES)
 
 
 @pytest.fixture(scope="module")
@@ -107,7 +86,8 @@ def betons(tree, tmp_path_factory) -> dict:
     failed_dir = out / "failed"
     failed_dir.mkdir()
     paths = [out / "train.beton", out / "raw.beton", failed_dir / "train.beton"]
-    child = run_watched([sys.executable, "-c", _SCRIPTED_WRITES, str(tree["root"]), *map(str, paths)], cwd=REPO_ROOT)
+    child = run_watched([sys.executable, "-m", "children.scripted_writes", str(tree["root"]), *map(str, paths),
+                         str(RAW_MAX_RES)], cwd=REPO_ROOT)
     assert child.returncode == 0, child.stderr
     result = json.loads(child.stdout.split("RESULT")[-1])
     assert result["rcs"][:2] == [0, 0], child.stderr
@@ -124,22 +104,6 @@ def betons(tree, tmp_path_factory) -> dict:
 # Each rank builds the train and val loaders under a real 2-process gloo group and reports their
 # sample orders. Building is where ffcv 1.0.2 spins forever on a pipeline it cannot schedule (the
 # GPU order on CPU), so these children, watched with a CPU budget, also guard the CPU pipelines.
-_RANK = textwrap.dedent("""
-    import json, os, sys
-    import torch, torch.distributed as dist
-    from backbone.data import make_train_loader, make_val_loader
-    beton, out = sys.argv[1:3]
-    dist.init_process_group("gloo", rank=int(os.environ["RANK"]), world_size=2)
-    cpu = torch.device("cpu")
-    train = make_train_loader(beton, batch_size=16, num_workers=1, resolution=24, device=cpu,
-                              distributed=True, seed=3, drop_last=False)
-    val = make_val_loader(beton, batch_size=16, num_workers=1, resolution=24, device=cpu, distributed=True)
-    result = {"train": [train.traversal_order.sample_order(e).tolist() for e in (0, 1)],
-              "val": val.traversal_order.sample_order(0).tolist()}
-    with open(out, "w") as f:
-        json.dump(result, f)
-    dist.destroy_process_group()
-""")
 
 
 def _free_port() -> int:
@@ -153,8 +117,8 @@ def ranks(betons, tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp("ranks")
     env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "WORLD_SIZE": "2"}
     procs = [
-        Watched([sys.executable, "-c", _RANK, str(betons["default"]), str(out / f"{r}.json")], cwd=REPO_ROOT,
-                env={**env, "RANK": str(r)}, stderr=subprocess.STDOUT)
+        Watched([sys.executable, "-m", "children.loader_rank", str(betons["default"]), str(out / f"{r}.json")],
+                cwd=REPO_ROOT, env={**env, "RANK": str(r)}, stderr=subprocess.STDOUT)
         for r in range(2)
     ]
     logs, timed_out = [], False

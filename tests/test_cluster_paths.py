@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
-from conftest import PYTHON, ROOT, run_watched
+from hangs import PYTHON, ROOT, run_watched
 from seg_fixtures import make_voc
 from torch import nn
 
@@ -88,7 +88,7 @@ def test_two_gloo_ranks_train_like_one_process_on_the_global_batch(scenario: str
     """SyncBatchNorm + DDP, and DDP + accumulation: after one step both ranks hold the weights one process gets
     on the whole batch (catches a loss not divided by the micro-batches, ``no_sync`` on the wrong one, BatchNorm
     statistics of one rank)."""
-    done = torchrun(2, str(ROOT / "tests" / "gloo_ranks.py"), scenario, str(tmp_path))
+    done = torchrun(2, "-m", "children.gloo_ranks", scenario, str(tmp_path))
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
     results = [json.loads((tmp_path / f"{scenario}_{r}.json").read_text()) for r in range(2)]
     assert [r["world"] for r in results] == [2, 2] and results[0]["pid"] != results[1]["pid"]
@@ -260,7 +260,7 @@ def test_backbone_evaluate_on_three_ranks_counts_each_image_once(pretrain_straig
 def test_validation_on_three_ranks_counts_each_image_once(pretrain_betons, tmp_path: Path) -> None:
     n = json.loads(pretrain_betons["val"].with_suffix(".json").read_text())["num_images"]
     assert n % 3 != 0
-    done = torchrun(3, str(ROOT / "tests" / "gloo_ranks.py"), "validation", str(tmp_path), str(pretrain_betons["val"]))
+    done = torchrun(3, "-m", "children.gloo_ranks", "validation", str(tmp_path), str(pretrain_betons["val"]))
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
     results = [json.loads((tmp_path / f"validation_{r}.json").read_text()) for r in range(3)]
     assert sum(r["labels_seen"] for r in results) == n  # was n + 1: ffcv pads the set to a multiple of 3

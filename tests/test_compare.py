@@ -17,7 +17,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from conftest import Watched, files_progress, run_watched
+from hangs import Watched, files_progress, run_watched
 from PIL import Image
 
 from engine.provenance import file_sha256

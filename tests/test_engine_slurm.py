@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import run_watched
+from hangs import run_watched
 
 from engine import slurm
 from engine.slurm import SlurmError, SlurmResources, sbatch_args, submitit_executor, time_minutes

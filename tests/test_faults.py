@@ -10,7 +10,7 @@ process per stage (the writer "lab", the fine-tuning "lab") imports everything o
 for every injected fault; the test process only reads what they report. ``LKM_FAULT_SEED`` changes the
 seed of the random points (default 14); a failure message names the points chosen.
 
-Every child is watched for progress (conftest.run_watched / Watched): a hang fails with the stacks of the
+Every child is watched for progress (hangs.run_watched / Watched): a hang fails with the stacks of the
 processes involved, never because a busy machine was slow.
 """
 from __future__ import annotations
@@ -27,8 +27,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import PYTHON, ROOT, Hung, Watched, cluster_unavailable, run_watched, xdist_unit
+from clusters import cluster_unavailable
+from hangs import PYTHON, ROOT, Hung, Watched, run_watched
 from imagenet_fixture import make_imagefolder
+from parallel import xdist_unit
 from PIL import Image
 
 SEED = int(os.environ.get("LKM_FAULT_SEED", "14"))
@@ -150,227 +152,6 @@ def test_a_cluster_that_cannot_start_skips_only_where_ci_does_not_require_it(mon
 # One child imports the writer (and ffcv's) once, makes itself the reaper of orphaned descendants (so a writer
 # left behind by a kill is seen, and how it ended), logs every shared-memory segment created, then runs each
 # scenario in a forked process: reference writes, SIGKILLs at random points, dying writer processes, full disks.
-_WRITER_LAB = textwrap.dedent("""
-    import ctypes, json, os, random, signal, sys, threading, time, traceback
-    from multiprocessing import shared_memory
-    from pathlib import Path
-
-    import numpy as np
-    import psutil
-    import ffcv.writer  # noqa: F401 - loaded once, before the forks
-    from ffcv.reader import Reader
-
-    import backbone.write_beton as wb
-
-    cfg = json.loads(sys.argv[1])
-    rng = random.Random(cfg["seed"])
-    F, G, TINY, BIG, WORK, DISK = (Path(cfg[k]) for k in ("F", "G", "tiny", "big", "work", "disk"))
-    ctypes.CDLL(None).prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER: orphaned writers become our children
-    SHM_LOG = WORK / "shm.log"
-    _init = shared_memory.SharedMemory.__init__
-
-    def _logged(self, name=None, create=False, size=0):
-        _init(self, name, create, size)
-        if create:
-            with open(SHM_LOG, "a") as f:
-                f.write(self.name + "\\n")
-
-    shared_memory.SharedMemory.__init__ = _logged
-    MAIN = [0]  # pid of the forked command, seen by its writer and workers
-    TRACKER = "resource_tracker import main" + ";main("  # how multiprocessing starts its tracker (not our -c)
-
-    def descendants():
-        found = []
-        for p in psutil.Process().children(recursive=True):
-            try:
-                if p.status() != psutil.STATUS_ZOMBIE and TRACKER not in " ".join(p.cmdline()):
-                    found.append(p)
-            except psutil.Error:
-                pass
-        return found
-
-    def settle():
-        # wait (without CPU: a hang shows as one) until no process of the scenario is left: how each ended
-        ended, names = [], {}
-
-        def reaped(pid, status):
-            if pid in names:  # resource trackers (they end by themselves) are not the scenario's processes
-                ended.append([names[pid], os.waitstatus_to_exitcode(status)])
-
-        while live := descendants():
-            names.update({p.pid: f"{p.name()} {p.pid}" for p in live})
-            reaped(*os.waitpid(-1, 0))
-        while True:
-            try:
-                pid, status = os.waitpid(-1, os.WNOHANG)
-            except ChildProcessError:
-                break
-            if pid == 0:
-                break
-            reaped(pid, status)
-        return ended
-
-    def shm_names():
-        return SHM_LOG.read_text().split() if SHM_LOG.exists() else []
-
-    def stored(beton):
-        reader = Reader(str(beton))
-        names = list(reader.handlers)
-        image, label = reader.metadata[f"f{names.index('image')}"], reader.metadata[f"f{names.index('label')}"]
-        return [label.tolist(), image["width"].tolist(), image["height"].tolist(), image["mode"].tolist()]
-
-    REF = {}
-
-    def finished_looking_problems(folder):
-        # every .beton must have its JSON, open, and hold exactly what a clean write of the JSON's source holds
-        problems = []
-        for beton in sorted(folder.glob("*.beton")):
-            try:
-                meta = wb.read_meta(beton)
-                wb.check_beton(beton, meta)
-                source = meta["writer"]["source"]
-                if source in REF and stored(beton) != REF[source]:
-                    problems.append(f"{beton.name} does not hold what its JSON describes ({source})")
-            except Exception as e:
-                problems.append(f"{beton.name}: {type(e).__name__}: {e}")
-        return problems
-
-    def scenario(name, args, inject=None, out=None):
-        log = WORK / f"{name}.log"
-        shm_before = len(shm_names())
-        sys.stdout.flush(); sys.stderr.flush()
-        pid = os.fork()
-        if pid == 0:
-            code = 1
-            try:
-                fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-                os.dup2(fd, 1); os.dup2(fd, 2)
-                MAIN[0] = os.getpid()
-                if inject:
-                    inject()
-                code = wb.main(args)
-            except SystemExit as e:
-                code = e.code
-            except BaseException:
-                traceback.print_exc()
-                code = 99
-            finally:
-                sys.stdout.flush(); sys.stderr.flush()
-                os._exit(code if isinstance(code, int) else 1)
-        _, status = os.waitpid(pid, 0)
-        rc = os.waitstatus_to_exitcode(status)
-        left_behind = settle()
-        out = Path(out or args[args.index("--out") + 1]).parent
-        shm = shm_names()[shm_before:]  # made by this scenario's writer
-        result = {"name": name, "rc": rc, "log": log.read_text()[-6000:], "left_behind": left_behind,
-                  "files": sorted(p.name for p in out.iterdir()), "problems": finished_looking_problems(out),
-                  "shm_left": [n for n in shm if Path("/dev/shm", n.lstrip("/")).exists()]}
-        print("RESULT", json.dumps(result), flush=True)
-        return result
-
-    def write_args(data, out, *extra):
-        Path(out).parent.mkdir(exist_ok=True)
-        return ["--data-dir", str(data), "--out", str(out), "--num-workers", "2", "--chunk-size", "2", *extra]
-
-    # --- injections (run in the forked command, inherited by its writer process and workers) -------------
-    def kill_while_checking(k):
-        target = wb.scan_imagefolder(F).samples[k][0]
-        probe = wb.probe_image
-        def probe_or_die(path):
-            if path == target:
-                os.kill(MAIN[0], signal.SIGKILL)
-            return probe(path)
-        return lambda: setattr(wb, "probe_image", probe_or_die)
-
-    def in_worker(k, action):
-        def inject():
-            getitem = wb.ImageFolderRGB.__getitem__
-            def patched(self, index):
-                if index == k:
-                    action()
-                return getitem(self, index)
-            wb.ImageFolderRGB.__getitem__ = patched
-        return inject
-
-    def kill_everything():  # kill -9 of the command and its writer group: a cgroup kill, the OOM killer
-        os.kill(MAIN[0], signal.SIGKILL)
-        os.killpg(os.getpgrp(), signal.SIGKILL)
-
-    def kill_command_only(k):  # kill -9 PID of the command; every sample from k on never finishes
-        def inject():
-            getitem = wb.ImageFolderRGB.__getitem__
-            def patched(self, index):
-                if index == k:
-                    os.kill(MAIN[0], signal.SIGKILL)
-                if index >= k:
-                    threading.Event().wait()
-                return getitem(self, index)
-            wb.ImageFolderRGB.__getitem__ = patched
-        return inject
-
-    def kill_between_renames():
-        replace = os.replace
-        def replace_then_die(src, dst):
-            replace(src, dst)
-            if str(dst).endswith(".json"):
-                os.kill(os.getpid(), signal.SIGKILL)
-        os.replace = replace_then_die
-
-    n = len(wb.scan_imagefolder(F).samples)
-    points = {"check": rng.randrange(n), "write": rng.randrange(n), "orphan": rng.randrange(n),
-              "writer": rng.randrange(n)}
-    print("POINTS", json.dumps(points), flush=True)
-    for name, data in (("ref_F", F), ("ref_G", G)):
-        r = scenario(name, write_args(data, WORK / name / "train.beton"))
-        assert r["rc"] == 0, r
-        REF[str(data.resolve())] = stored(WORK / name / "train.beton")
-
-    out = WORK / "out" / "train.beton"
-    scenario("kill_while_checking", write_args(F, out), kill_while_checking(points["check"]))
-    scenario("kill_while_writing", write_args(F, out), in_worker(points["write"], kill_everything))
-    scenario("kill_command_only", write_args(F, out), kill_command_only(points["orphan"]))
-    scenario("rerun", write_args(F, out))
-    scenario("overwrite_killed_between_renames", write_args(G, out, "--overwrite"), kill_between_renames)
-    scenario("rerun_overwrite", write_args(G, out, "--overwrite"))
-
-    # a worker dying on its first sample, before anything could have seen it run
-    scenario("worker_dies", write_args(F, WORK / "w" / "train.beton"),
-             in_worker(0, lambda: os.kill(os.getpid(), signal.SIGKILL)))
-    scenario("writer_dies", write_args(F, WORK / "w" / "train.beton"),
-             in_worker(points["writer"], lambda: os.kill(os.getppid(), signal.SIGKILL)))
-    raw = ["--write-mode", "raw", "--compress-probability", "0"]
-    scenario("disk_full", write_args(BIG, DISK / "train.beton", *raw))
-    filler = DISK / "filler"
-    filler.write_bytes(b"\\0" * (8 << 20))  # 4 MiB stay free: under one 8 MiB page of ffcv's
-    shm_before = len(shm_names())
-    r = scenario("no_room_up_front", write_args(BIG, DISK / "train.beton", *raw))
-    print("UPFRONT", json.dumps({"new_shm": len(shm_names()) != shm_before}), flush=True)
-    filler.unlink()
-
-    stale = WORK / "stale"
-    stale.mkdir()
-    dead = os.fork()
-    if dead == 0:
-        os._exit(0)
-    os.waitpid(dead, 0)
-    for name in (f".train.beton.partial-{dead}", f".train.json.partial-{dead}"):
-        (stale / name).write_bytes(b"half")
-    scenario("stale_partials", write_args(F, stale / "train.beton"))
-    live = WORK / "live"
-    live.mkdir()
-    (live / f".train.beton.partial-{os.getpid()}").write_bytes(b"someone else's")  # this lab is alive
-    scenario("partial_of_a_live_writer", write_args(F, live / "train.beton"))
-
-    scenario("tiny_images_refused", write_args(TINY, WORK / "tiny" / "train.beton"))
-    scenario("tiny_images_skipped", write_args(TINY, WORK / "tiny" / "train.beton", "--skip-bad"))
-    print("TINY", json.dumps(wb.read_meta(WORK / "tiny" / "train.beton") if (WORK / "tiny" / "train.beton").exists()
-                             else None), flush=True)
-    # a kill of everything (command and writer group) leaves ffcv's shared memory behind: nobody is left to remove it
-    leaked = [n for n in shm_names() if Path("/dev/shm", n.lstrip("/")).exists()]
-    for n in leaked:
-        Path("/dev/shm", n.lstrip("/")).unlink()
-    print("LEAKED", json.dumps(leaked), flush=True)
-""")
 
 
 def _lab_results(stdout: str) -> dict[str, dict]:
@@ -394,7 +175,7 @@ def writer_lab(tmp_path_factory: pytest.TempPathFactory, small_tmpfs: Path) -> d
     (base / "work").mkdir()
     config = {"F": base / "F", "G": base / "G", "tiny": base / "tiny", "big": base / "big", "work": base / "work",
               "disk": small_tmpfs, "seed": SEED}
-    done = run_watched([PYTHON, "-c", _WRITER_LAB, json.dumps({k: str(v) for k, v in config.items()})])
+    done = run_watched([PYTHON, "-m", "children.writer_lab", json.dumps({k: str(v) for k, v in config.items()})])
     results = _lab_results(done.stdout)
     assert done.returncode == 0 and "tiny_images_skipped" in results, \
         f"the writer lab failed (exit {done.returncode}):\n{done.stdout[-4000:]}\n{done.stderr[-8000:]}"
@@ -513,169 +294,6 @@ def test_images_too_small_for_the_crops_are_refused_or_skipped(writer_lab: dict)
 # command line (segmentation.finetune.main) with one fault injected; it reports the exit and what the run
 # directory holds after it. 10 iterations, a checkpoint every 2 (and at a signal), 2 kept. The stages follow
 # each other in one run directory; every stage resumes where the previous one left it.
-_FINETUNE_LAB = textwrap.dedent("""
-    import json, os, pathlib, random, signal, subprocess, sys, traceback
-    from pathlib import Path
-
-    import torch
-    from engine import checkpoint as ckpt
-    from segmentation import finetune
-
-    cfg = json.loads(sys.argv[1])
-    rng = random.Random(cfg["seed"])
-    WORK = Path(cfg["work"])
-    COMMON = ["--config", cfg["config"], f"data.root={cfg['devkit']}", "train.iterations=10", "eval.every=0",
-              "run.checkpoint_every=2", "run.check_every_steps=1", "data.global_batch=2", "data.crop_size=32"]
-
-    def die():
-        os.kill(os.getpid(), signal.SIGKILL)
-
-    def tensor_bytes(obj):
-        if isinstance(obj, torch.Tensor):
-            return obj.numel() * obj.element_size()
-        if isinstance(obj, dict):
-            return sum(tensor_bytes(v) for v in obj.values())
-        if isinstance(obj, (list, tuple)):
-            return sum(tensor_bytes(v) for v in obj)
-        return 0
-
-    class DieAfter:  # the file torch.save writes to, killing the process once ``left`` bytes went through
-        def __init__(self, f, left):
-            self.f, self.left = f, left
-        def write(self, b):
-            if len(b) >= self.left:
-                self.f.write(bytes(b)[:self.left]); self.f.flush(); os.fsync(self.f.fileno())
-                die()
-            self.left -= len(b)
-            return self.f.write(b)
-        def flush(self):
-            self.f.flush()
-
-    # --- injections: each returns what to do in the forked process before the command runs -------------------
-    def kill_in_torch_save(kind, at_step, share):
-        def inject():
-            save = torch.save
-            def save_or_die(obj, f, *a, **k):
-                mine = (kind == "checkpoint" and "optimizer" in obj and obj["step"] >= at_step) or \\
-                       (kind == "final" and "state_dict" in obj)
-                return save(obj, DieAfter(f, max(1, int(share * tensor_bytes(obj)))) if mine else f, *a, **k)
-            torch.save = save_or_die
-        return inject
-
-    def kill_before_replace(at_step):
-        def inject():
-            replace = os.replace
-            def replace_or_die(src, dst):
-                m = ckpt.CHECKPOINT_RE.match(Path(dst).name)
-                if m and int(m.group(1)) >= at_step:
-                    die()  # the temporary file is complete and synced; the checkpoint is not there yet
-                return replace(src, dst)
-            os.replace = replace_or_die
-        return inject
-
-    def kill_in_rotation():
-        unlink = pathlib.Path.unlink
-        def unlink_or_die(self, *a, **k):
-            if ckpt.CHECKPOINT_RE.match(self.name):
-                die()  # the new checkpoint is in place, the oldest not yet removed
-            return unlink(self, *a, **k)
-        pathlib.Path.unlink = unlink_or_die
-
-    def in_step(at_step, action):
-        def inject():
-            train_step = finetune.Finetuner.train_step
-            def patched(self, micro_batches, lr):
-                if self.loop.step + 1 == at_step:
-                    action(self)
-                return train_step(self, micro_batches, lr)
-            finetune.Finetuner.train_step = patched
-        return inject
-
-    def signals(*sigs):
-        def send(trainer):
-            for sig in sigs:  # as a user or SLURM would, in the middle of a step
-                os.kill(os.getpid(), sig)
-        return send
-
-    def die_before_update(trainer):
-        trainer.optimizer.step = die  # after the forward and backward passes of the step, before the update
-
-    def in_fake_slurm_job():
-        os.environ["SLURM_JOB_ID"] = "4242"
-        os.environ["PATH"] = f"{WORK / 'bin'}:{os.environ['PATH']}"  # a scontrol that accepts the requeue
-
-    (WORK / "bin").mkdir(exist_ok=True)
-    (WORK / "bin" / "scontrol").write_text(f"#!/bin/sh\\necho \\"$@\\" >> {WORK / 'scontrol.log'}\\n")
-    (WORK / "bin" / "scontrol").chmod(0o755)
-
-    s1 = rng.choice([2, 4])  # the first checkpoint to die in
-    points = {"checkpoint_killed_in_torch_save": s1, "share_written": round(rng.uniform(0.05, 0.95), 3),
-              "sigterm_in_step": s1 + 1, "sigusr1_in_step": s1 + 3, "sigint_in_step": s1 + 4,
-              "killed_in_step": s1 + 5 + rng.randint(0, 1), "final_share_written": round(rng.uniform(0.05, 0.95), 3)}
-    print("POINTS", json.dumps(points), flush=True)
-
-    def snapshot(run_dir):
-        out = {"files": sorted(p.name for p in run_dir.iterdir()) if run_dir.exists() else [], "checkpoints": {}}
-        for p in ckpt.list_checkpoints(run_dir):
-            try:
-                state = torch.load(p, map_location="cpu", weights_only=False)
-                out["checkpoints"][p.name] = {"step": state["step"],
-                                              "nonfinite": ckpt.nonfinite_tensors(state["model"])}
-            except Exception as e:
-                out["checkpoints"][p.name] = {"error": f"{type(e).__name__}: {e}"}
-        final = run_dir / "final.pth"
-        if final.exists():
-            try:
-                out["final"] = {"nonfinite": ckpt.nonfinite_tensors(torch.load(final, weights_only=True)["state_dict"])}
-            except Exception as e:
-                out["final"] = {"error": f"{type(e).__name__}: {e}"}
-        return out
-
-    def stage(name, run_dir, *injections):
-        log = WORK / f"{name}.log"
-        sys.stdout.flush(); sys.stderr.flush()
-        pid = os.fork()
-        if pid == 0:
-            code = 1
-            try:
-                fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-                os.dup2(fd, 1); os.dup2(fd, 2)
-                for inject in injections:
-                    inject()
-                code = finetune.main(COMMON + [f"run.dir={run_dir}"])
-            except KeyboardInterrupt:  # as the interpreter ends on an uncaught Ctrl-C: traceback, then SIGINT
-                traceback.print_exc()
-                sys.stdout.flush(); sys.stderr.flush()
-                signal.signal(signal.SIGINT, signal.SIG_DFL)
-                os.kill(os.getpid(), signal.SIGINT)
-            except BaseException:
-                traceback.print_exc()
-            finally:
-                sys.stdout.flush(); sys.stderr.flush()
-                os._exit(code if isinstance(code, int) else 1)
-        _, status = os.waitpid(pid, 0)
-        result = {"name": name, "rc": os.waitstatus_to_exitcode(status), "log": log.read_text()[-5000:],
-                  **snapshot(run_dir)}
-        print("RESULT", json.dumps(result), flush=True)
-
-    STRAIGHT, RUN = WORK / "straight", WORK / "run"
-    stage("straight", STRAIGHT)
-    stage("kill_in_torch_save", RUN, kill_in_torch_save("checkpoint", s1, points["share_written"]))
-    stage("kill_before_replace", RUN, kill_before_replace(s1))
-    stage("sigterm", RUN, in_step(points["sigterm_in_step"], signals(signal.SIGTERM)))
-    stage("kill_in_rotation", RUN, kill_in_rotation)
-    stage("sigusr1_in_slurm", RUN, in_fake_slurm_job, in_step(points["sigusr1_in_step"], signals(signal.SIGUSR1)))
-    stage("sigint_twice", RUN, in_step(points["sigint_in_step"], signals(signal.SIGINT, signal.SIGINT)))
-    stage("sigint", RUN, in_step(points["sigint_in_step"], signals(signal.SIGINT)))
-    stage("kill_in_training", RUN, in_step(points["killed_in_step"], die_before_update))
-    stage("kill_in_final_save", RUN, kill_in_torch_save("final", 0, points["final_share_written"]))
-    stage("finish", RUN)
-    if cfg["disk"]:  # a run directory on a 110 MiB disk: the third checkpoint (41 MiB each, 2 kept) does not fit
-        disk = Path(cfg["disk"])
-        stage("disk_full", disk / "run")
-        subprocess.run(["mount", "-o", "remount,size=240m", str(disk)], check=True)  # space freed
-        stage("disk_full_resumed", disk / "run")
-""")
 
 
 @pytest.fixture(scope="module")
@@ -694,7 +312,7 @@ def finetune_lab(tmp_path_factory: pytest.TempPathFactory, seg_disk: Path | None
     base = tmp_path_factory.mktemp("finetune_lab")
     config = {"config": str(ROOT / "configs/segmentation/tiny_cpu.yaml"), "work": str(base), "seed": SEED,
               "devkit": str(make_voc(base / "voc", n_train=6, n_val=3)), "disk": str(seg_disk or "")}
-    done = run_watched([PYTHON, "-c", _FINETUNE_LAB, json.dumps(config)], env=_children_env())
+    done = run_watched([PYTHON, "-m", "children.finetune_lab", json.dumps(config)], env=_children_env())
     results = _lab_results(done.stdout)
     assert done.returncode == 0 and "finish" in results, \
         f"the fine-tuning lab failed (exit {done.returncode}):\n{done.stdout[-4000:]}\n{done.stderr[-8000:]}"
@@ -805,56 +423,6 @@ def test_full_disk_while_checkpointing_stops_with_the_sizes_and_resumes(finetune
 # =============================================================================================================
 # Two ranks: a diverged rank or a full disk stops them all (none waits forever in a collective)
 # =============================================================================================================
-_TWO_RANKS = textwrap.dedent("""
-    import json, logging, sys
-    from pathlib import Path
-
-    import torch
-    from engine import distributed as distrib
-    from engine.logs import MetricsWriter
-    from engine.loop import TrainLoop
-    from engine.preemption import PreemptionFlag
-
-    run_dir, disk = Path(sys.argv[1]), Path(sys.argv[2])
-    env = distrib.detect_env()
-    cpu = torch.device("cpu")
-    distrib.init(env, cpu)
-    torch.manual_seed(0)
-    model = torch.nn.Linear(1024, 1024)  # 4 MiB of weights
-
-    def loop_in(directory):
-        return TrainLoop(env=env, device=cpu, preempt=PreemptionFlag(), logger=logging.getLogger("two_ranks"),
-                         metrics=MetricsWriter(directory / "metrics.jsonl", enabled=False), models=[model],
-                         checkpoint_state=lambda rng: {"model": model.state_dict(), "rng": rng}, run_dir=directory,
-                         keep_checkpoints=5)
-
-    results = {}
-
-    def attempt(name, loop, step):
-        loop.step = step
-        try:
-            results[name] = {"saved": str(loop.save())}
-        except Exception as e:
-            results[name] = {"error": type(e).__name__, "message": str(e)}
-
-    loop = loop_in(run_dir)
-    attempt("good", loop, 1)
-    for bad_rank in (1, 0):  # NaN in one rank's weights only
-        with torch.no_grad():
-            kept = model.weight[0, 0].item()
-            if env.rank == bad_rank:
-                model.weight[0, 0] = float("nan")
-            attempt(f"nan_on_rank{bad_rank}", loop, 2 + bad_rank)
-            model.weight[0, 0] = kept
-    full = loop_in(disk)
-    attempt("fits", full, 1)
-    if env.is_main:
-        (disk / "filler").write_bytes(b"\\0" * (6 << 20))  # leaves about 2 MiB of the 12
-    distrib.barrier()
-    attempt("disk_full", full, 2)
-    print("RESULT", json.dumps(results), flush=True)
-    distrib.teardown()
-""")
 
 
 def _free_port() -> int:
@@ -867,9 +435,8 @@ def test_diverged_rank_or_full_disk_stops_every_rank(small_tmpfs: Path, tmp_path
     disk = small_tmpfs / "two_ranks"
     disk.mkdir()
     env = _children_env(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), WORLD_SIZE="2")
-    ranks = [Watched([PYTHON, "-c", _TWO_RANKS, str(tmp_path), str(disk)], env={**env, "RANK": str(r),
-                                                                                "LOCAL_RANK": str(r)})
-             for r in range(2)]
+    ranks = [Watched([PYTHON, "-m", "children.two_ranks_full_disk", str(tmp_path), str(disk)],
+                     env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}) for r in range(2)]
     try:
         done = [ranks[0].wait(others=ranks[1:]), ranks[1].wait(others=ranks[:1])]
     finally:
@@ -927,21 +494,6 @@ def test_corrupt_latest_checkpoint_is_an_error_naming_it(tmp_path: Path) -> None
 # =============================================================================================================
 # Pretraining (ffcv loaders): killed in the middle of an epoch, resumed
 # =============================================================================================================
-_KILLED_PRETRAINING = textwrap.dedent("""
-    import os, signal, sys
-    from backbone import train
-
-    at_step = int(sys.argv[1])
-    train_step = train.Trainer.train_step
-
-    def train_step_or_die(self, micro_batches, lr):
-        if self.loop.step + 1 == at_step:  # after the forward and backward passes, before the update
-            self.optimizer.step = lambda *a, **k: os.kill(os.getpid(), signal.SIGKILL)
-        return train_step(self, micro_batches, lr)
-
-    train.Trainer.train_step = train_step_or_die
-    sys.exit(train.main(sys.argv[2:]))
-""")
 
 
 @pytest.mark.slow
@@ -954,7 +506,7 @@ def test_pretraining_killed_mid_epoch_resumes_to_the_uninterrupted_weights(
     at_step = random.Random(SEED).randint(10, 16)  # in the second epoch (8 steps each)
     overrides = [f"data.train={pretrain_betons['train']}", f"data.val={pretrain_betons['val']}",
                  f"run.dir={tmp_path / 'run'}", "train.epochs=2"]
-    killed = run_watched([PYTHON, "-c", _KILLED_PRETRAINING, str(at_step), "--config",
+    killed = run_watched([PYTHON, "-m", "children.killed_pretraining", str(at_step), "--config",
                           str(ROOT / "configs/pretrain/tiny_cpu.yaml"), *overrides], env=_children_env())
     assert killed.returncode == -signal.SIGKILL, f"step {at_step}: {killed.stderr[-5000:]}"
     (saved,) = ckpt.list_checkpoints(tmp_path / "run")  # the end of the first epoch, whole and finite

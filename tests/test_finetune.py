@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import files_progress, run_watched, wait_until
+from hangs import files_progress, run_watched, wait_until
 from PIL import Image
 from seg_fixtures import make_voc
 from signal_after import RandomDraws, SignalAfter

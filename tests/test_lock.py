@@ -8,11 +8,10 @@ import hashlib
 import logging
 import os
 import socket
-import textwrap
 from pathlib import Path
 
 import pytest
-from conftest import PYTHON, ROOT, Watched, run_watched
+from hangs import PYTHON, ROOT, Watched, run_watched
 from seg_fixtures import make_voc
 
 from engine.config import ConfigError
@@ -22,32 +21,8 @@ SEG_TINY = ROOT / "configs/segmentation/tiny_cpu.yaml"
 
 # A real fine-tune (segmentation/finetune.py's main) that stops once it holds its run directory, with config.yaml
 # and run.json written, and waits there until the test kills it.
-_HOLDING_FINETUNE = textwrap.dedent("""
-    import sys, time
-    from segmentation import finetune
-
-    def fit_and_wait(self):
-        print("HOLDING", flush=True)
-        while True:
-            time.sleep(1)
-
-    finetune.Finetuner.fit = fit_and_wait
-    sys.exit(finetune.main(sys.argv[1:]))
-""")
 
 # A real comparison (experiments.compare's main) that stops once it holds its output folder.
-_HOLDING_COMPARE = textwrap.dedent("""
-    import sys, time
-    from experiments.compare import cli
-
-    def handle_stale_and_wait(runs, move):
-        print("HOLDING", flush=True)
-        while True:
-            time.sleep(1)
-
-    cli.handle_stale = handle_stale_and_wait
-    sys.exit(cli.main(sys.argv[1:]))
-""")
 
 
 def _snapshot(folder: Path) -> dict[str, str]:
@@ -66,7 +41,7 @@ def test_second_finetune_on_a_run_directory_stops_at_once_naming_the_holder_and_
     run_dir = tmp_path / "run"
     args = ["--config", str(SEG_TINY), f"data.root={devkit}", f"run.dir={run_dir}", "train.iterations=4",
             "eval.every=0", "run.checkpoint_every=2", "data.global_batch=2", "data.crop_size=32"]
-    with Watched([PYTHON, "-c", _HOLDING_FINETUNE, *args], env=_env()) as first:
+    with Watched([PYTHON, "-m", "children.holding_finetune", *args], env=_env()) as first:
         first.wait_for(lambda: "HOLDING" in first.text("stdout"), "the first fine-tune holding its run directory")
         before = _snapshot(run_dir)
         assert "config.yaml" in before and "run.json" in before
@@ -94,7 +69,7 @@ def test_second_comparison_on_an_output_stops_naming_the_holder_and_a_dry_run_st
     output = tmp_path / "table6"
     args = [f"output={output}", "backbones=[resnet18]", "heads=[baseline]", "seeds=[0]", "pretrain.seeds=[0]",
             "pretrain.config=configs/pretrain/tiny_cpu.yaml", "finetune.config=configs/segmentation/tiny_cpu.yaml"]
-    with Watched([PYTHON, "-c", _HOLDING_COMPARE, *args, "--collect"], env=_env()) as first:
+    with Watched([PYTHON, "-m", "children.holding_compare", *args, "--collect"], env=_env()) as first:
         first.wait_for(lambda: "HOLDING" in first.text("stdout"), "the first comparison holding its output")
         capsys.readouterr()
         assert compare_main([*args, "--collect"]) == 2

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import PYTHON, run_watched
+from hangs import PYTHON, run_watched
 from PIL import Image
 from seg_fixtures import make_voc
 

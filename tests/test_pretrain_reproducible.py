@@ -10,14 +10,13 @@ import json
 import os
 import random
 import signal
-import textwrap
 from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
 import torch
-from conftest import PYTHON, ROOT, run_watched
+from hangs import PYTHON, ROOT, run_watched
 from imagenet_fixture import load_rgb
 
 from backbone.augment import CROP_STREAM, FLIP_STREAM, SeededRandomResizedCropRGBImageDecoder
@@ -207,24 +206,6 @@ def test_two_pretraining_runs_give_the_same_weights(straight: Path, textured_bet
 
 # Dies at step ``at`` after the forward and backward passes (kill -9 before the update), or gets SIGTERM there (a
 # signal outside SLURM: checkpoint at the step boundary, exit).
-_INTERRUPTED = textwrap.dedent("""
-    import os, signal, sys
-    from backbone import train
-
-    at, how = int(sys.argv[1]), sys.argv[2]
-    train_step = train.Trainer.train_step
-
-    def train_step_interrupted(self, micro_batches, lr):
-        if self.loop.step + 1 == at:
-            if how == "kill":
-                self.optimizer.step = lambda *a, **k: os.kill(os.getpid(), signal.SIGKILL)
-            else:
-                os.kill(os.getpid(), signal.SIGTERM)
-        return train_step(self, micro_batches, lr)
-
-    train.Trainer.train_step = train_step_interrupted
-    sys.exit(train.main(sys.argv[3:]))
-""")
 
 
 @pytest.mark.slow
@@ -235,11 +216,11 @@ def test_pretraining_killed_at_random_moments_resumes_to_the_uninterrupted_weigh
     rng = random.Random(SEED)
     signalled, killed = rng.randint(2, 6), rng.randint(10, 15)  # mid first epoch; mid second (8 steps each)
     args = ["--config", str(TINY), *_overrides(textured_betons, tmp_path)]
-    first = run_watched([PYTHON, "-c", _INTERRUPTED, str(signalled), "term", *args], env=_env())
+    first = run_watched([PYTHON, "-m", "children.interrupted_pretraining", str(signalled), "term", *args], env=_env())
     assert first.returncode == 128 + signal.SIGTERM, first.stderr[-5000:]
     assert [ckpt.peek_checkpoint(p)["step"] for p in ckpt.list_checkpoints(tmp_path)] == [signalled]
     # resumes mid-epoch (the loader replays the epoch's first batches and drops them), then dies in the second
-    second = run_watched([PYTHON, "-c", _INTERRUPTED, str(killed), "kill", *args], env=_env())
+    second = run_watched([PYTHON, "-m", "children.interrupted_pretraining", str(killed), "kill", *args], env=_env())
     assert second.returncode == -signal.SIGKILL, second.stderr[-5000:]
     assert ckpt.peek_checkpoint(ckpt.list_checkpoints(tmp_path)[-1])["step"] == 8
     assert not (tmp_path / "final.pth").exists()

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import run_watched
+from hangs import run_watched
 from PIL import Image
 from torch import nn
 

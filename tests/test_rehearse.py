@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 from compare_fixtures import tiny_overrides, write_shapes_data
-from conftest import ROOT, run_watched
+from hangs import ROOT, run_watched
 
 from engine.config import load_config
 from experiments.compare import CompareConfig, plan

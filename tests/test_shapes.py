@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import run_watched
+from hangs import run_watched
 from PIL import Image
 
 from experiments import shapes

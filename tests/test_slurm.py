@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 import submitit
 import torch
-from conftest import files_progress, run_watched, wait_until
+from hangs import files_progress, run_watched, wait_until
 
 from backbone.antialias import anti_aliasing_of
 from backbone.artifacts import load_backbone
@@ -46,8 +46,8 @@ def job_state(job_id: str) -> str:
 
 
 def wait_for(pred, what: str, job: str, log: Path, run_dir: Path) -> None:
-    """Until ``pred()``; fails (conftest.Hung) only when the job's state, its log and its run directory stay
-    unchanged for conftest.IDLE_S seconds: a slow job on a busy machine is waited for."""
+    """Until ``pred()``; fails (hangs.Hung) only when the job's state, its log and its run directory stay
+    unchanged for hangs.IDLE_S seconds: a slow job on a busy machine is waited for."""
     files = files_progress(run_dir)
     wait_until(pred, what, lambda: (job_state(job), log.stat().st_size if log.exists() else -1, files()),
                report=lambda: f"job {job}: {job_state(job)}\n" + (log.read_text()[-3000:] if log.exists() else ""))

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 from compare_fixtures import tiny_overrides, write_shapes_data
-from conftest import ROOT, files_progress, run_watched
+from hangs import ROOT, files_progress, run_watched
 
 
 @pytest.mark.slurm

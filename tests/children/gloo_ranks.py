@@ -1,6 +1,6 @@
 """Programs the multi-process tests start on every rank with torchrun (gloo, 127.0.0.1):
 
-    python -m torch.distributed.run --standalone --nproc-per-node 2 tests/gloo_ranks.py SCENARIO OUT_DIR
+    python -m torch.distributed.run --standalone --nproc-per-node 2 -m children.gloo_ranks SCENARIO OUT_DIR
 
 Each rank compares what it computed under the process group with what one process computes on the whole global
 batch (the same seeds on every rank), and writes ``OUT_DIR/<scenario>_<rank>.json``; the test reads the files.
