@@ -15,7 +15,7 @@ PYTEST_ARGS ?=
 # PYTEST_PARALLEL= runs the suite in one process.
 PYTEST_PARALLEL ?= -n auto --dist loadfile --no-loadscope-reorder
 
-.PHONY: setup system-packages demo slurm-up slurm-down slurm-2node-up slurm-2node-down test lint bench clean gpu-check
+.PHONY: setup system-packages demo slurm-up slurm-down slurm-2node-up slurm-2node-down test test-fast lint bench clean gpu-check
 
 setup: $(STAMP)
 
@@ -59,6 +59,11 @@ slurm-2node-down:
 test: setup
 	$(VPY) -m ruff check .
 	$(VPY) -m pytest $(PYTEST_PARALLEL) $(PYTEST_ARGS)
+
+# The edit-test loop: everything but the slow tier (end-to-end runs, kills, the comparison) and the SLURM tier.
+test-fast: setup
+	$(VPY) -m ruff check .
+	$(VPY) -m pytest $(PYTEST_PARALLEL) -m "not slow and not slurm" $(PYTEST_ARGS)
 
 lint: setup
 	$(VPY) -m ruff check .

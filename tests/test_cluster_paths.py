@@ -83,6 +83,7 @@ def test_sync_batchnorm_on_the_cpu_equals_batchnorm_on_the_whole_batch_one_rank(
     torch.testing.assert_close(synced(x.detach()), bn(x.detach()))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("scenario", ["syncbn", "accumulation"])
 def test_two_gloo_ranks_train_like_one_process_on_the_global_batch(scenario: str, tmp_path: Path) -> None:
     """SyncBatchNorm + DDP, and DDP + accumulation: after one step both ranks hold the weights one process gets
@@ -190,6 +191,7 @@ def _epoch_reference(beton: Path, batch_size: int) -> list[tuple[list[int], np.n
     return [(y.tolist(), x.mean(dim=(2, 3)).numpy().copy()) for x, y in loader]
 
 
+@pytest.mark.slow
 def test_accumulation_trains_on_the_batches_the_loader_produced(accumulated, pretrain_betons) -> None:
     _, seen = accumulated
     trained = seen["accumulated"]
@@ -201,6 +203,7 @@ def test_accumulation_trains_on_the_batches_the_loader_produced(accumulated, pre
         np.testing.assert_allclose(means, ref_means, atol=1e-4, err_msg=f"micro-batch {k}")
 
 
+@pytest.mark.slow
 def test_accumulation_gives_the_weights_of_the_whole_batch(accumulated) -> None:
     from backbone.artifacts import FinalWeights
 
@@ -215,6 +218,7 @@ def test_accumulation_gives_the_weights_of_the_whole_batch(accumulated) -> None:
 
 
 # --- a multi-process fine-tune on the CPU: SyncBatchNorm, accumulation, FLOP counting ------------------------
+@pytest.mark.slow
 def test_two_rank_finetune_with_sync_batchnorm_accumulation_and_flop_counting(tmp_path: Path) -> None:
     devkit = make_voc(tmp_path / "voc", n_train=8, n_val=2)
     run_dir = tmp_path / "run"
@@ -234,6 +238,7 @@ def test_two_rank_finetune_with_sync_batchnorm_accumulation_and_flop_counting(tm
 
 
 # --- defects 5 and 6: each validation image once, one writer --------------------------------------------------
+@pytest.mark.slow
 def test_backbone_evaluate_on_three_ranks_counts_each_image_once(pretrain_straight: Path, pretrain_betons,
                                                                  tmp_path: Path) -> None:
     n = json.loads(pretrain_betons["val"].with_suffix(".json").read_text())["num_images"]
@@ -257,6 +262,7 @@ def test_backbone_evaluate_on_three_ranks_counts_each_image_once(pretrain_straig
     assert scores["loss"] == pytest.approx(one["loss"], rel=1e-5)
 
 
+@pytest.mark.slow
 def test_validation_on_three_ranks_counts_each_image_once(pretrain_betons, tmp_path: Path) -> None:
     n = json.loads(pretrain_betons["val"].with_suffix(".json").read_text())["num_images"]
     assert n % 3 != 0
@@ -306,6 +312,7 @@ def test_allocated_gpus_that_torch_cannot_see_stop_the_run(monkeypatch, variable
     assert distrib.select_device(env, "cpu") == torch.device("cpu")  # on purpose: always allowed
 
 
+@pytest.mark.slow
 def test_pretraining_with_allocated_gpus_and_none_usable_stops_with_one_line(pretrain_betons, tmp_path) -> None:
     if torch.cuda.is_available():
         pytest.skip("this machine has a usable GPU")

@@ -71,6 +71,7 @@ def test_16_bit_grey_pngs_are_scaled_to_8_bits_not_clipped(tmp_path: Path) -> No
     np.testing.assert_array_equal(plain, rgb)  # 8-bit images unchanged
 
 
+@pytest.mark.slow
 def test_a_named_pipe_among_the_images_is_refused_or_skipped_without_hanging(tmp_path: Path) -> None:
     data, out = tmp_path / "data", tmp_path / "out" / "train.beton"
     for name in ("n01", "n02"):
@@ -152,6 +153,7 @@ def test_segmentation_evaluate_on_a_full_disk_says_so_in_one_line_and_leaves_no_
     assert record["images"] == 3 and len(counts["names"]) == 3 and len(list((tmp_path / "png").iterdir())) == 3
 
 
+@pytest.mark.slow
 def test_backbone_evaluate_on_a_full_disk_says_so_in_one_line_and_leaves_no_file(
         textured_betons: dict[str, Path], full_disk: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     from backbone import evaluate
@@ -201,6 +203,7 @@ def test_a_bad_label_read_in_a_loader_worker_is_one_line_naming_the_file(
 
 
 # --- loader threads ------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_backbone_evaluate_picks_its_threads_from_the_cpus_and_names_workers_when_too_many(
         textured_betons: dict[str, Path], tmp_path: Path) -> None:
     """On a machine where numba runs 2 threads (as a 2-core one): the default fits, --workers 3 is named."""

@@ -58,6 +58,7 @@ def test_rehearsal_runs_every_stage_cut_short_preempted_and_resumed(rehearsed: d
     assert record["segmentation"]["resnet10t+baseline"]["runs"]["0"]["images"] == 3
 
 
+@pytest.mark.slow
 def test_a_real_run_refuses_a_rehearsal_folder(rehearsed: dict, compare_main) -> None:
     if rehearsed["done"].returncode != 0:
         pytest.skip("the rehearsal itself failed (see the test above)")

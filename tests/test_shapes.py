@@ -171,6 +171,7 @@ def test_imagenet_layout(written: Path) -> None:
                 assert TINY.min_size <= w <= TINY.max_size and TINY.min_size <= h <= TINY.max_size, (path, im.size)
 
 
+@pytest.mark.slow
 def test_write_beton_reads_the_train_folder(written: Path, tmp_path: Path) -> None:
     """``write_beton`` forks (and imports ffcv and numba, seconds): it runs in a child, which also reads the
     JSON beside the .beton back with ``read_meta`` and prints it."""

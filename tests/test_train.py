@@ -253,6 +253,7 @@ def test_ema_weights_are_what_final_pth_holds(smoothed_ema_run: Path) -> None:
 
 
 # --- bad input: clear errors before any loader starts, nothing overwritten ------------------------------
+@pytest.mark.slow
 def test_bad_inputs_are_refused_before_training(uninterrupted: Path, pretrain_betons: dict[str, Path],
                                                 tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     with pytest.raises(ConfigError, match=r"data\.train: .*missing\.beton does not exist.*write_beton"):
