@@ -53,6 +53,24 @@ def wait_for(pred, what: str, job: str, log: Path, run_dir: Path) -> None:
                report=lambda: f"job {job}: {job_state(job)}\n" + (log.read_text()[-3000:] if log.exists() else ""))
 
 
+ENDED = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL")
+
+
+def sbatch_until_done(args: list[str], env: dict[str, str], log_name: str, folder: Path,
+                      watch: Path) -> tuple[str, str]:
+    """``sbatch --parsable ARGS`` (its log ``folder/<log_name>-<job id>.out``), waited for while the job, its log or
+    ``watch`` move; the job is cancelled if the wait fails. Returns (final state, the log's text)."""
+    out = subprocess.run(["sbatch", "--parsable", *args], cwd=ROOT, env=env, capture_output=True, text=True,
+                         check=True).stdout
+    job = out.strip().split(";")[0]
+    log = folder / f"{log_name}-{job}.out"
+    try:
+        wait_for(lambda: job_state(job) in ENDED, f"job {job} to finish", job, log, watch)
+    finally:
+        subprocess.run(["scancel", job], capture_output=True)
+    return job_state(job), log.read_text()
+
+
 @pytest.fixture(scope="module")
 def submitit_run(slurm_cluster: dict, pretrain_betons: dict[str, Path],
                  tmp_path_factory: pytest.TempPathFactory) -> Path:
@@ -148,18 +166,10 @@ def test_slurm_lkm_launch_gives_every_task_its_cpus_per_task(slurm_cluster: dict
     script = tmp_path / "probe.sh"
     script.write_text(PROBE_JOB)
     env = {**os.environ, **slurm_cluster, "PYTHON": sys.executable}
-    out = subprocess.run(["sbatch", "--parsable", "--nodes=1", f"--ntasks-per-node={tasks}", f"--cpus-per-task={cpus}",
-                          "--time=10", f"--output={tmp_path}/%x-%j.out", "--job-name=lkm-cpu-probe", str(script)],
-                         cwd=ROOT, env=env, capture_output=True, text=True, check=True).stdout
-    job = out.strip().split(";")[0]
-    log = tmp_path / f"lkm-cpu-probe-{job}.out"
-    try:
-        wait_for(lambda: job_state(job) in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL"),
-                 f"job {job} to finish", job, log, tmp_path)
-    finally:
-        subprocess.run(["scancel", job], capture_output=True)
-    text = log.read_text()
-    assert job_state(job) == "COMPLETED", text
+    state, text = sbatch_until_done(["--nodes=1", f"--ntasks-per-node={tasks}", f"--cpus-per-task={cpus}", "--time=10",
+                                     f"--output={tmp_path}/%x-%j.out", "--job-name=lkm-cpu-probe", str(script)],
+                                    env, "lkm-cpu-probe", tmp_path, tmp_path)
+    assert state == "COMPLETED", text
     assert_bound(probes(text), tasks, cpus, text)
 
 
@@ -200,19 +210,10 @@ def test_slurm_one_task_two_cpus_pretrains_with_two_loader_workers(
         text = proc.stdout + proc.stderr + (log.with_suffix(".err").read_text() if log and log.exists() else "")
         assert proc.returncode == 0 and "finished: ['finished']" in proc.stdout, text[-5000:]
     else:
-        out = subprocess.run(["sbatch", "--parsable", "--nodes=1", "--ntasks-per-node=1", "--gpus-per-node=0",
-                              "--cpus-per-task=2", "--time=30", f"--output={tmp_path}/%x-%j.out",
-                              "slurm/imagenet_pretrain.sh", TINY, *args],
-                             cwd=ROOT, env=env, capture_output=True, text=True, check=True).stdout
-        job = out.strip().split(";")[0]
-        log = tmp_path / f"lkm-pretrain-{job}.out"
-        try:
-            wait_for(lambda: job_state(job) in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL"),
-                     f"job {job} to finish", job, log, run_dir)
-        finally:
-            subprocess.run(["scancel", job], capture_output=True)
-        text = log.read_text()
-        assert job_state(job) == "COMPLETED", text[-5000:]
+        state, text = sbatch_until_done(["--nodes=1", "--ntasks-per-node=1", "--gpus-per-node=0", "--cpus-per-task=2",
+                                         "--time=30", f"--output={tmp_path}/%x-%j.out", "slurm/imagenet_pretrain.sh",
+                                         TINY, *args], env, "lkm-pretrain", tmp_path, run_dir)
+        assert state == "COMPLETED", text[-5000:]
         assert "1 tasks, 2 CPUs each" in text and "data.num_workers=2" in text, text[-5000:]
     final = torch.load(run_dir / "final.pth", weights_only=True)
     assert final["provenance"]["world_size"] == 1, text[-5000:]

@@ -9,11 +9,11 @@ import random
 import signal
 import subprocess
 import sys
-import traceback
 from pathlib import Path
 
 import torch
 
+from children.forked import run_forked
 from engine import checkpoint as ckpt
 from segmentation import finetune
 
@@ -131,32 +131,13 @@ def snapshot(run_dir):
 
 def stage(name, run_dir, *injections):
     log = WORK / f"{name}.log"
-    sys.stdout.flush()
-    sys.stderr.flush()
-    pid = os.fork()
-    if pid == 0:
-        code = 1
-        try:
-            fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-            os.dup2(fd, 1)
-            os.dup2(fd, 2)
-            for inject in injections:
-                inject()
-            code = finetune.main(COMMON + [f"run.dir={run_dir}"])
-        except KeyboardInterrupt:  # as the interpreter ends on an uncaught Ctrl-C: traceback, then SIGINT
-            traceback.print_exc()
-            sys.stdout.flush()
-            sys.stderr.flush()
-            signal.signal(signal.SIGINT, signal.SIG_DFL)
-            os.kill(os.getpid(), signal.SIGINT)
-        except BaseException:
-            traceback.print_exc()
-        finally:
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os._exit(code if isinstance(code, int) else 1)
-    _, status = os.waitpid(pid, 0)
-    result = {"name": name, "rc": os.waitstatus_to_exitcode(status), "log": log.read_text()[-5000:],
+    def work():
+        for inject in injections:
+            inject()
+        return finetune.main(COMMON + [f"run.dir={run_dir}"])
+
+    rc = run_forked(log, work)
+    result = {"name": name, "rc": rc, "log": log.read_text()[-5000:],
               **snapshot(run_dir)}
     print("RESULT", json.dumps(result), flush=True)
 

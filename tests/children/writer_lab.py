@@ -9,7 +9,6 @@ import random
 import signal
 import sys
 import threading
-import traceback
 from multiprocessing import shared_memory
 from pathlib import Path
 
@@ -18,6 +17,7 @@ import psutil
 from ffcv.reader import Reader
 
 import backbone.write_beton as wb
+from children.forked import run_forked
 
 cfg = json.loads(sys.argv[1])
 rng = random.Random(cfg["seed"])
@@ -95,30 +95,13 @@ def finished_looking_problems(folder):
 def scenario(name, args, inject=None, out=None):
     log = WORK / f"{name}.log"
     shm_before = len(shm_names())
-    sys.stdout.flush()
-    sys.stderr.flush()
-    pid = os.fork()
-    if pid == 0:
-        code = 1
-        try:
-            fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-            os.dup2(fd, 1)
-            os.dup2(fd, 2)
-            MAIN[0] = os.getpid()
-            if inject:
-                inject()
-            code = wb.main(args)
-        except SystemExit as e:
-            code = e.code
-        except BaseException:
-            traceback.print_exc()
-            code = 99
-        finally:
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os._exit(code if isinstance(code, int) else 1)
-    _, status = os.waitpid(pid, 0)
-    rc = os.waitstatus_to_exitcode(status)
+    def work():
+        MAIN[0] = os.getpid()
+        if inject:
+            inject()
+        return wb.main(args)
+
+    rc = run_forked(log, work)
     left_behind = settle()
     out = Path(out or args[args.index("--out") + 1]).parent
     shm = shm_names()[shm_before:]  # made by this scenario's writer
